@@ -1,0 +1,146 @@
+"""Public entry points: ``adclr_attention`` (``[B, H, L, D]``) and ``adclr_attention_packed`` (qkv).
+
+Inputs are checked here, before any kernel runs, and the backend is chosen: the fused Triton kernel on
+CUDA sm80+, exact SDPA everywhere else; ``reference`` is the explicit (slow) form.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .layout import AttentionLayout
+from .reference import reference_attention
+from .sdpa import sdpa_attention
+
+BACKENDS = ("auto", "triton", "sdpa", "reference")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_TRITON_HEAD_DIM = 256
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_is_default(device: torch.device) -> bool:
+    """Whether ``backend="auto"`` picks the Triton kernel for tensors on ``device`` (CUDA sm80+)."""
+    if device.type != "cuda" or interpreter_enabled():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_layout(layout, length: int, what: str) -> None:
+    if not isinstance(layout, AttentionLayout):
+        raise TypeError(f"layout must be an adclr.kernels.AttentionLayout, got {type(layout).__name__}")
+    if layout.length != length:
+        raise ValueError(
+            f"{what} has sequence length {length} but layout describes L = num_raw + num_query = "
+            f"{layout.num_raw} + {layout.num_query} = {layout.length}"
+        )
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be None or a finite float > 0, got {scale!r}")
+    return float(scale)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype in {SUPPORTED_DTYPES}, got {t.dtype}")
+
+
+def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int) -> str:
+    """Pick the backend for ``auto`` and reject requests the Triton kernel cannot serve."""
+    if backend == "auto":
+        return "triton" if triton_is_default(t.device) and t.dtype != torch.float64 else "sdpa"
+    if backend == "triton":
+        if t.device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device "
+                f"{t.device}; use backend='sdpa' or 'auto'"
+            )
+        if t.dtype == torch.float64:
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32, got torch.float64")
+        if head_dim > MAX_TRITON_HEAD_DIM:
+            raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}")
+    return backend
+
+
+def adclr_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: AttentionLayout,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """ADCLR attention of ``q, k, v`` (each ``[B, H, L, D]``) under ``layout``; returns ``[B, H, L, D]``."""
+    _check_backend(backend)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    _check_layout(layout, q.shape[2], "q")
+    head_dim = q.shape[-1]
+    scale = _resolve_scale(scale, head_dim)
+    backend = _resolve_backend(backend, q, head_dim)
+    if backend == "triton":
+        from .triton_attention import triton_attention
+
+        return triton_attention(q, k, v, layout, scale)
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, layout, scale)
+    return reference_attention(q, k, v, layout, scale)
+
+
+def adclr_attention_packed(
+    qkv: torch.Tensor,
+    layout: AttentionLayout,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """ADCLR attention of a ViT's packed projection ``qkv`` ``[B, L, 3, H, D]``; returns ``[B, L, H, D]``.
+
+    The Triton backend reads q, k, v straight out of ``qkv`` and writes ``[B, L, H, D]`` directly, so
+    neither the split nor the output projection's input needs a transpose copy.
+    """
+    _check_backend(backend)
+    _check_tensor("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be 5-D [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
+    _check_layout(layout, qkv.shape[1], "qkv")
+    head_dim = qkv.shape[-1]
+    scale = _resolve_scale(scale, head_dim)
+    backend = _resolve_backend(backend, qkv, head_dim)
+    if backend == "triton":
+        from .triton_attention import triton_attention_packed
+
+        return triton_attention_packed(qkv, layout, scale)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    attend = sdpa_attention if backend == "sdpa" else reference_attention
+    return attend(q, k, v, layout, scale).transpose(1, 2)
