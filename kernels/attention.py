@@ -66,11 +66,19 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must have dtype in {SUPPORTED_DTYPES}, got {t.dtype}")
 
 
-def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int) -> str:
+def _check_dropout(dropout_p) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: float) -> str:
     """Pick the backend for ``auto`` and reject requests the Triton kernel cannot serve."""
     if backend == "auto":
-        return "triton" if triton_is_default(t.device) and t.dtype != torch.float64 else "sdpa"
+        fused = triton_is_default(t.device) and t.dtype != torch.float64 and dropout_p == 0
+        return "triton" if fused else "sdpa"
     if backend == "triton":
+        if dropout_p > 0:
+            raise ValueError(f"backend='triton' does not implement attention dropout, got dropout_p={dropout_p}")
         if t.device.type != "cuda" and not interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device "
@@ -80,6 +88,8 @@ def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int) -> str:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32, got torch.float64")
         if head_dim > MAX_TRITON_HEAD_DIM:
             raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}")
+        if t.device.type == "cuda" and t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device) < (8, 0):
+            raise TypeError("backend='triton' needs sm80+ for bfloat16; use float16/float32 or backend='sdpa'")
     return backend
 
 
@@ -90,10 +100,15 @@ def adclr_attention(
     layout: AttentionLayout,
     *,
     scale: float | None = None,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """ADCLR attention of ``q, k, v`` (each ``[B, H, L, D]``) under ``layout``; returns ``[B, H, L, D]``."""
+    """ADCLR attention of ``q, k, v`` (each ``[B, H, L, D]``) under ``layout``; returns ``[B, H, L, D]``.
+
+    ``dropout_p`` drops attention weights (sdpa and reference backends only; pass 0 at eval time).
+    """
     _check_backend(backend)
+    _check_dropout(dropout_p)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
         if t.dim() != 4:
@@ -107,14 +122,13 @@ def adclr_attention(
     _check_layout(layout, q.shape[2], "q")
     head_dim = q.shape[-1]
     scale = _resolve_scale(scale, head_dim)
-    backend = _resolve_backend(backend, q, head_dim)
+    backend = _resolve_backend(backend, q, head_dim, dropout_p)
     if backend == "triton":
         from .triton_attention import triton_attention
 
         return triton_attention(q, k, v, layout, scale)
-    if backend == "sdpa":
-        return sdpa_attention(q, k, v, layout, scale)
-    return reference_attention(q, k, v, layout, scale)
+    attend = sdpa_attention if backend == "sdpa" else reference_attention
+    return attend(q, k, v, layout, scale, dropout_p)
 
 
 def adclr_attention_packed(
@@ -122,6 +136,7 @@ def adclr_attention_packed(
     layout: AttentionLayout,
     *,
     scale: float | None = None,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """ADCLR attention of a ViT's packed projection ``qkv`` ``[B, L, 3, H, D]``; returns ``[B, L, H, D]``.
@@ -130,17 +145,18 @@ def adclr_attention_packed(
     neither the split nor the output projection's input needs a transpose copy.
     """
     _check_backend(backend)
+    _check_dropout(dropout_p)
     _check_tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
     _check_layout(layout, qkv.shape[1], "qkv")
     head_dim = qkv.shape[-1]
     scale = _resolve_scale(scale, head_dim)
-    backend = _resolve_backend(backend, qkv, head_dim)
+    backend = _resolve_backend(backend, qkv, head_dim, dropout_p)
     if backend == "triton":
         from .triton_attention import triton_attention_packed
 
         return triton_attention_packed(qkv, layout, scale)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     attend = sdpa_attention if backend == "sdpa" else reference_attention
-    return attend(q, k, v, layout, scale).transpose(1, 2)
+    return attend(q, k, v, layout, scale, dropout_p).transpose(1, 2)

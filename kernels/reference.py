@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .layout import AttentionLayout
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """Attention over ``[B, H, L, D]`` in the inputs' own dtype (use float64 for ground truth)."""
-    return reference_probabilities(q, k, layout, scale) @ v
+    probs = reference_probabilities(q, k, layout, scale)
+    return F.dropout(probs, dropout_p) @ v if dropout_p > 0 else probs @ v
 
 
 def reference_probabilities(q: torch.Tensor, k: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:

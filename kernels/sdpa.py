@@ -14,22 +14,22 @@ from .layout import AttentionLayout
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """ADCLR attention over ``[B, H, L, D]`` built from SDPA calls; differentiable by autograd."""
     shared, q_start, q_self = layout.kernel_params
     keys, values = k[:, :, :shared], v[:, :, :shared]
     if shared == layout.length or (q_start == 0 and not q_self):
-        return F.scaled_dot_product_attention(q, keys, values, scale=scale)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale, dropout_p=dropout_p)
 
-    raw_out = F.scaled_dot_product_attention(q[:, :, :shared], keys, values, scale=scale)
+    raw_out = F.scaled_dot_product_attention(q[:, :, :shared], keys, values, scale=scale, dropout_p=dropout_p)
     query_q = q[:, :, shared:]
     if not q_self:
-        query_out = F.scaled_dot_product_attention(query_q, keys[:, :, q_start:], values[:, :, q_start:], scale=scale)
+        query_out = F.scaled_dot_product_attention(query_q, keys[:, :, q_start:], values[:, :, q_start:], scale=scale, dropout_p=dropout_p)
     else:
         # Query rows see keys [q_start, shared) and their own key: a mask over [q_start, L).
         query_mask = layout.dense_mask(q.device)[shared:, q_start:]
         query_out = F.scaled_dot_product_attention(
-            query_q, k[:, :, q_start:], v[:, :, q_start:], attn_mask=query_mask, scale=scale
+            query_q, k[:, :, q_start:], v[:, :, q_start:], attn_mask=query_mask, scale=scale, dropout_p=dropout_p
         )
     return torch.cat([raw_out, query_out], dim=2)

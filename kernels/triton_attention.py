@@ -380,17 +380,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, o, shared_keys: int, query_key_start: int, query_self: bool, scale: float) -> torch.Tensor:
-    """Run the forward kernel into ``o`` (a ``[B, H, L, D]`` view); returns the base-2 LSE ``[B*H, L]``."""
+def _forward(q, k, v, o, lse, shared_keys: int, query_key_start: int, query_self: bool, scale: float) -> None:
+    """Write the output into ``o`` (a ``[B, H, L, D]`` view) and the base-2 log-sum-exp into ``lse``
+    (fp32 ``[B*H, L]``)."""
     batch, heads, seq_len, _ = q.shape
-    lse = torch.empty((batch * heads, seq_len), device=q.device, dtype=torch.float32)
     grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     _launch(
         _fwd_tuned, _fwd_kernel, grid, q,
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         heads, seq_len, shared_keys, query_key_start, scale * LOG2E, **_dims(q, query_self),
     )
-    return lse
 
 
 def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start: int, query_self: bool, scale: float):
@@ -435,7 +434,8 @@ def _attention_fwd_op(
         o_view = o.transpose(1, 2)
     else:
         o = o_view = q.new_empty((batch, heads, seq_len, head_dim))
-    lse = _forward(q, k, v, o_view, shared_keys, query_key_start, query_self, scale)
+    lse = q.new_empty((batch * heads, seq_len), dtype=torch.float32)
+    _forward(q, k, v, o_view, lse, shared_keys, query_key_start, query_self, scale)
     return o, lse
 
 

@@ -1,0 +1,41 @@
+"""Shared helpers for the attention tests: float64 ground truth, error measures, input makers."""
+
+from __future__ import annotations
+
+import torch
+
+from adclr.kernels import AttentionLayout, reference_attention
+
+# Additive floor on top of the "at most 2x PyTorch's own error" rule: one unit in the last place
+# at magnitude 1, so exact-zero PyTorch errors (e.g. L = 1) do not demand bit-exactness.
+ERROR_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def make_qkv(batch, heads, seq_len, head_dim, dtype, device, strided=False):
+    """Random q, k, v ``[B, H, L, D]``; ``strided`` gives sequence-major, padded, non-contiguous views."""
+    if not strided:
+        return [torch.randn(batch, heads, seq_len, head_dim, dtype=dtype, device=device) for _ in range(3)]
+    base = torch.randn(batch, seq_len, heads, 3 * head_dim + 5, dtype=dtype, device=device)
+    return [base[..., i * head_dim : (i + 1) * head_dim].transpose(1, 2) for i in range(3)]
+
+
+def reference_with_grads(q, k, v, do, layout: AttentionLayout, scale: float, dtype=torch.float64):
+    """Reference output and (dq, dk, dv) computed in ``dtype`` (float64: ground truth)."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = reference_attention(q, k, v, layout, scale)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    return out.detach(), grads
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max absolute difference in float64; NaN anywhere (an unwritten element) gives inf."""
+    diff = (actual.double() - expected.double()).abs()
+    return float("inf") if not torch.isfinite(diff).all() else diff.max().item()
+
+
+def assert_close_to_truth(name, actual, truth, pytorch_same_dtype, dtype):
+    """flash-attention's criterion: error vs float64 at most 2x PyTorch's own error in ``dtype``."""
+    ours = max_error(actual, truth)
+    theirs = max_error(pytorch_same_dtype, truth)
+    bound = 2 * theirs + ERROR_FLOOR[dtype]
+    assert ours <= bound, f"{name}: error {ours:.3e} > 2 x PyTorch's {theirs:.3e} + {ERROR_FLOOR[dtype]:.0e}"
