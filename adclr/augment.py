@@ -1,0 +1,100 @@
+"""DINO's multi-crop augmentation plus ADCLR's query crops, on ``torchvision.transforms.v2``.
+
+One image gives 2 global crops, ``local_crops_number`` local crops and ``num_query`` query crops. Query
+crops are cut from the original image (not from a view) and resized to one patch; both global views
+receive the same query crops, so the two teachers/students see the same regions as tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _blur(size: int, p: float) -> v2.Transform:
+    """DINO's Gaussian blur (sigma 0.1..2) with probability ``p``; kernel about a tenth of the crop."""
+    kernel = max(3, 2 * (size // 20) + 1)
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=p)
+
+
+@dataclass
+class MultiCropConfig:
+    global_size: int = 224
+    local_size: int = 96
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    local_crops_number: int = 10
+    num_query: int = 10
+    query_scale: tuple[float, float] = (0.05, 0.15)
+    query_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    patch_size: int = 16
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
+    solarize_p: float = 0.2  # second global view only
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class MultiCropAugmentation:
+    """Callable on a PIL image or uint8 ``[3, H, W]`` tensor; returns a dict:
+
+    ``crops`` (list of 2 global then local ``[3, s, s]`` float tensors), ``query_crops``
+    ``[Q, 3, p, p]`` and ``query_boxes`` ``[Q, 4]`` (top, left, height, width in source pixels).
+    """
+
+    def __init__(self, config: MultiCropConfig | None = None):
+        self.config = cfg = config or MultiCropConfig()
+        for name in ("global_crops_scale", "local_crops_scale", "query_scale"):
+            lo, hi = getattr(cfg, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        flip_and_color = v2.Compose([
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p),
+            v2.RandomGrayscale(p=cfg.grayscale_p),
+        ])
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
+        bicubic = InterpolationMode.BICUBIC
+
+        def crop(size, scale):
+            return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
+
+        g, l_ = cfg.global_size, cfg.local_size
+        self.global1 = v2.Compose([crop(g, cfg.global_crops_scale), flip_and_color, _blur(g, cfg.blur_p[0]), self.normalize])
+        self.global2 = v2.Compose([
+            crop(g, cfg.global_crops_scale), flip_and_color, _blur(g, cfg.blur_p[1]),
+            v2.RandomSolarize(threshold=128, p=cfg.solarize_p), self.normalize,
+        ])
+        self.local = v2.Compose([crop(l_, cfg.local_crops_scale), flip_and_color, _blur(l_, cfg.blur_p[2]), self.normalize])
+
+    def query_crops(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_query`` random crops of ``image`` resized to one patch, and their boxes."""
+        cfg = self.config
+        p = cfg.patch_size
+        crops, boxes = [], []
+        for _ in range(cfg.num_query):
+            top, left, h, w = v2.RandomResizedCrop.get_params(image, list(cfg.query_scale), list(cfg.query_ratio))
+            crops.append(v2.functional.resized_crop(image, top, left, h, w, [p, p], InterpolationMode.BICUBIC, antialias=True))
+            boxes.append((top, left, h, w))
+        if not crops:
+            return torch.empty(0, 3, p, p), torch.empty(0, 4, dtype=torch.long)
+        return self.normalize(torch.stack(crops)), torch.tensor(boxes)
+
+    def __call__(self, image) -> dict:
+        image = v2.functional.to_image(image)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
+        crops = [self.global1(image), self.global2(image)]
+        crops += [self.local(image) for _ in range(self.config.local_crops_number)]
+        query_crops, query_boxes = self.query_crops(image)
+        return {"crops": [c.as_subclass(torch.Tensor) for c in crops], "query_crops": query_crops.as_subclass(torch.Tensor),
+                "query_boxes": query_boxes}

@@ -1,0 +1,85 @@
+"""The ADCLR objective (paper Eq. 6): DINO's CLS loss plus lambda/Q x the DINO loss of the query tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    cls: torch.Tensor
+    query: torch.Tensor
+
+
+def _cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """H(teacher, student) = -sum p_t log p_s over the last dim, averaged over everything else."""
+    return torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
+
+
+class ADCLRLoss(nn.Module):
+    """DINO's multi-crop CLS loss plus the query-token loss, each with its own centre.
+
+    CLS: the teacher sees the two global views, the student every crop; pairs where both see the same
+    view are skipped. Queries: ``H(teacher query i in view B, student query i in view A)`` for
+    ``(A, B) = (1, 2)`` and ``(2, 1)``, averaged over the Q queries (the ``1/Q``) and the two pairs.
+    Teacher outputs are centred (EMA of their batch mean, all-reduced across processes) and sharpened
+    with the teacher temperature the caller passes in (it follows a warm-up schedule).
+    """
+
+    def __init__(self, out_dim: int, num_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 lambda_query: float = 0.5):
+        super().__init__()
+        if num_crops < 2:
+            raise ValueError(f"num_crops must be >= 2 (two global views), got {num_crops}")
+        self.num_crops = num_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.lambda_query = lambda_query
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("query_center", torch.zeros(1, out_dim))
+
+    def forward(self, student_cls, teacher_cls, student_query, teacher_query, teacher_temp: float) -> LossTerms:
+        """``*_cls``: ``[crops*B, K]`` (teacher: 2 global crops); ``*_query``: ``[2, B, Q, K]`` or None."""
+        student_views = student_cls.float().chunk(self.num_crops)
+        teacher_probs = F.softmax((teacher_cls.float() - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        pairs = [
+            _cross_entropy(t, student_views[v], self.student_temp)
+            for i, t in enumerate(teacher_probs)
+            for v in range(self.num_crops)
+            if v != i
+        ]
+        cls_loss = torch.stack(pairs).mean()
+
+        query_loss = cls_loss.new_zeros(())
+        if student_query is not None and self.lambda_query != 0:
+            tq = F.softmax((teacher_query.float() - self.query_center) / teacher_temp, dim=-1).detach()
+            sq = student_query.float()
+            query_loss = 0.5 * (
+                _cross_entropy(tq[1], sq[0], self.student_temp) + _cross_entropy(tq[0], sq[1], self.student_temp)
+            )
+        self.update_centers(teacher_cls, teacher_query)
+        return LossTerms(total=cls_loss + self.lambda_query * query_loss, cls=cls_loss, query=query_loss)
+
+    @torch.no_grad()
+    def update_centers(self, teacher_cls: torch.Tensor, teacher_query: torch.Tensor | None) -> None:
+        """center <- m * center + (1 - m) * mean of the teacher outputs over every process."""
+        self.center.mul_(self.center_momentum).add_(_global_mean(teacher_cls), alpha=1 - self.center_momentum)
+        if teacher_query is not None:
+            query_mean = _global_mean(teacher_query.flatten(0, -2))
+            self.query_center.mul_(self.center_momentum).add_(query_mean, alpha=1 - self.center_momentum)
+
+
+def _global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``x`` across all processes (plain mean without a process group)."""
+    total = x.detach().float().sum(dim=0, keepdim=True)
+    count = torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    return total / count
