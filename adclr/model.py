@@ -154,9 +154,9 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
     return ADCLRVisionTransformer(patch_size=patch_size, img_size=img_size, **ARCHS[arch], **kwargs)
 
 
-def timm_name(arch: str, patch_size: int, img_size: int = 224) -> str:
-    """The timm model name with the same architecture (for loading an exported backbone)."""
-    return f"{arch}_patch{patch_size}_{img_size}"
+def timm_create_kwargs(arch: str, patch_size: int, img_size: int = 224) -> dict:
+    """``timm.create_model`` arguments for the same architecture (to load an exported backbone)."""
+    return dict(model_name=f"{arch}_patch16_224", patch_size=patch_size, img_size=img_size, num_classes=0)
 
 
 class MultiCropWrapper(nn.Module):

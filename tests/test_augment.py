@@ -1,0 +1,71 @@
+"""Multi-crop + query-crop augmentation: shapes, shared query crops, crop areas, reproducibility."""
+
+import pytest
+import torch
+
+from adclr.augment import MultiCropAugmentation, MultiCropConfig
+
+CONFIG = MultiCropConfig(global_size=48, local_size=24, local_crops_number=3, num_query=6, patch_size=8)
+
+
+def image(h=70, w=90):
+    return (torch.rand(3, h, w) * 255).to(torch.uint8)
+
+
+def test_shapes_and_dtypes():
+    out = MultiCropAugmentation(CONFIG)(image())
+    assert [tuple(c.shape) for c in out["crops"]] == [(3, 48, 48)] * 2 + [(3, 24, 24)] * 3
+    assert all(c.dtype == torch.float32 and type(c) is torch.Tensor for c in out["crops"])
+    assert out["query_crops"].shape == (6, 3, 8, 8) and out["query_crops"].dtype == torch.float32
+    assert out["query_boxes"].shape == (6, 4)
+
+
+def test_query_crop_areas_lie_in_the_configured_range():
+    img = image(100, 120)
+    boxes = torch.cat([MultiCropAugmentation(CONFIG)(img)["query_boxes"] for _ in range(20)])
+    top, left, h, w = boxes.T
+    area = (h * w).float() / (100 * 120)
+    lo, hi = CONFIG.query_scale
+    # get_params samples the area in [lo, hi] then rounds the side lengths to whole pixels.
+    assert (area >= lo * 0.9).all() and (area <= hi * 1.1).all()
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 100).all() and (left + w <= 120).all()
+
+
+def test_query_crops_are_the_regions_of_the_original_image():
+    """Both global views share one set of query crops, cut from the source image at the boxes."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    aug = MultiCropAugmentation(CONFIG)
+    img = image()
+    out = aug(img)
+    t, l_, h, w = out["query_boxes"][2].tolist()
+    expected = aug.normalize(F.resized_crop(img, t, l_, h, w, [8, 8], InterpolationMode.BICUBIC, antialias=True))
+    assert torch.allclose(out["query_crops"][2], expected)
+
+
+def test_reproducible_under_a_fixed_seed():
+    aug, img = MultiCropAugmentation(CONFIG), image()
+    torch.manual_seed(3)
+    a = aug(img)
+    torch.manual_seed(3)
+    b = aug(img)
+    torch.manual_seed(4)
+    c = aug(img)
+    assert all(torch.equal(x, y) for x, y in zip(a["crops"], b["crops"]))
+    assert torch.equal(a["query_crops"], b["query_crops"])
+    assert not torch.equal(a["query_boxes"], c["query_boxes"])
+
+
+def test_grayscale_and_pil_inputs():
+    from PIL import Image
+
+    aug = MultiCropAugmentation(CONFIG)
+    assert aug(image()[:1])["crops"][0].shape == (3, 48, 48)
+    pil = Image.fromarray(image().permute(1, 2, 0).numpy())
+    assert aug(pil)["query_crops"].shape == (6, 3, 8, 8)
+
+
+def test_bad_scale_raises():
+    with pytest.raises(ValueError, match="query_scale"):
+        MultiCropAugmentation(MultiCropConfig(query_scale=(0.2, 0.1)))
