@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
@@ -44,7 +45,7 @@ class MultiCropConfig:
 
 
 class MultiCropAugmentation:
-    """Callable on a PIL image or uint8 ``[3, H, W]`` tensor; returns a dict:
+    """Callable on a PIL image or a uint8 ``[C, H, W]`` tensor; returns a dict:
 
     ``crops`` (list of 2 global then local ``[3, s, s]`` float tensors), ``query_crops``
     ``[Q, 3, p, p]`` and ``query_boxes`` ``[Q, 4]`` (top, left, height, width in source pixels).
@@ -61,7 +62,7 @@ class MultiCropAugmentation:
             v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p),
             v2.RandomGrayscale(p=cfg.grayscale_p),
         ])
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
+        self.normalize = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
         bicubic = InterpolationMode.BICUBIC
 
         def crop(size, scale):
@@ -75,7 +76,7 @@ class MultiCropAugmentation:
         ])
         self.local = v2.Compose([crop(l_, cfg.local_crops_scale), flip_and_color, _blur(l_, cfg.blur_p[2]), self.normalize])
 
-    def query_crops(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_crops(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_query`` random crops of ``image`` resized to one patch, and their boxes."""
         cfg = self.config
         p = cfg.patch_size
@@ -86,13 +87,13 @@ class MultiCropAugmentation:
             boxes.append((top, left, h, w))
         if not crops:
             return torch.empty(0, 3, p, p), torch.empty(0, 4, dtype=torch.long)
-        return self.normalize(torch.stack(crops)), torch.tensor(boxes)
+        return torch.stack([self.normalize(c) for c in crops]), torch.tensor(boxes)
 
     def __call__(self, image) -> dict:
-        image = v2.functional.to_image(image)
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
+        # PIL is torchvision's fastest backend for these small per-image ops (colour jitter above all).
+        if isinstance(image, torch.Tensor):
+            image = v2.functional.to_pil_image(image)
+        image = image.convert("RGB")
         crops = [self.global1(image), self.global2(image)]
         crops += [self.local(image) for _ in range(self.config.local_crops_number)]
         query_crops, query_boxes = self.query_crops(image)

@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .kernels import AttentionLayout, adclr_attention, adclr_attention_packed, reference_probabilities
 
 ARCHS = {
+    "vit_pico": dict(embed_dim=96, depth=4, num_heads=3),  # CPU-sized, for the built-in data and tests
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
@@ -155,8 +156,11 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
 
 
 def timm_create_kwargs(arch: str, patch_size: int, img_size: int = 224) -> dict:
-    """``timm.create_model`` arguments for the same architecture (to load an exported backbone)."""
-    return dict(model_name=f"{arch}_patch16_224", patch_size=patch_size, img_size=img_size, num_classes=0)
+    """``timm.create_model`` arguments that build the same architecture (to load an exported backbone)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    return dict(model_name="vit_small_patch16_224", patch_size=patch_size, img_size=img_size, num_classes=0,
+                dynamic_img_size=True, **ARCHS[arch])
 
 
 class MultiCropWrapper(nn.Module):

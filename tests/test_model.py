@@ -21,7 +21,7 @@ def tiny_vit(**kwargs):
 @pytest.mark.parametrize("arch, patch", [("vit_tiny", 16), ("vit_small", 16), ("vit_tiny", 8)])
 def test_matches_timm_without_query_crops_and_loads_strictly(arch, patch):
     model = build_vit(arch, patch, img_size=64, attn_backend="sdpa").eval()
-    reference = timm.create_model(**timm_create_kwargs(arch, patch, 64), dynamic_img_size=True).eval()
+    reference = timm.create_model(**timm_create_kwargs(arch, patch, 64)).eval()
     reference.load_state_dict(model.state_dict(), strict=True)
     views = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
