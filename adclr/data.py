@@ -1,10 +1,10 @@
 """Data: a built-in synthetic shapes dataset (no download) and image folders (ImageFolder tree or flat).
 
-The built-in set is generated deterministically from (seed, split, index): each image holds one shape
-(disk, square, triangle, cross, ring or bar) of random colour, size and position on a random
-textured background. The class is the shape, so colour is useless and a representation must see
-form to classify it (k-NN), and the per-pixel mask (0 = background, c + 1 = shape c) makes a dense
-evaluation (segmentation mIoU) meaningful.
+The built-in set is generated deterministically from (seed, split, index): each image holds one
+shape (disk, square, triangle, cross, ring or bar) of random size, position and rotation, in a grey
+level contrasting with a textured grey background. The class is the shape and brightness carries no
+information about it, so a representation must see form to classify it (k-NN); the per-pixel mask (0 = background, c + 1 =
+shape c) makes a dense evaluation (segmentation mIoU) meaningful.
 """
 
 from __future__ import annotations
@@ -65,9 +65,13 @@ class SyntheticShapes(Dataset):
         cy, cx = (r + (S - 2 * r) * rand(2)).tolist()
         inside = _shape_mask(label, ys, xs, cy, cx, r, float(rand(1)) * 6.2832).float()
 
-        background = rand(3, 1, 1) * 0.7 + 0.3 * rand(3, 2 * S, 2 * S)
-        stripes = torch.sin(xs * (0.3 + rand(1)) + ys * rand(1) * 0.5) * 0.15 * rand(1)
-        foreground = rand(3, 1, 1)
+        # Grey levels with a faint tint: images differ in brightness and contrast, which the colour
+        # jitter randomises, not in hue, which it barely moves; views of one image must then be
+        # matched through the shape rather than through a colour shortcut.
+        level, contrast = rand(2).tolist()
+        background = level + 0.15 * rand(1, 2 * S, 2 * S) + 0.05 * rand(3, 1, 1)
+        stripes = torch.sin(xs * (0.3 + rand(1)) + ys * rand(1) * 0.5) * 0.1 * rand(1)
+        foreground = (level + (0.35 + 0.4 * contrast) * (1 if level < 0.5 else -1)) + 0.05 * rand(3, 1, 1)
         image = inside * foreground + (1 - inside) * (background + stripes)
         image = torch.nn.functional.avg_pool2d(image[None], 2)[0].clamp(0, 1)
         coverage = torch.nn.functional.avg_pool2d(inside[None, None], 2)[0, 0]
