@@ -15,6 +15,8 @@ kernel for dK/dV (one program per key block, no atomics: deterministic) and one 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,9 @@ import triton.language as tl
 from .layout import AttentionLayout
 
 LOG2E = 1.4426950408889634
+# Lengths vary per call (197, 207, 47, ...): specialising on them (divisibility by 16) would compile a
+# new kernel for each; strides stay specialised, which keeps the loads vectorised.
+_RUNTIME_INTS = ["num_heads", "seq_len", "shared_keys", "query_key_start"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,7 +73,7 @@ def _key_blocks(start_m, shared_keys, query_key_start, BLOCK_M: tl.constexpr, BL
     return lo, head, tail
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
@@ -126,7 +131,7 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads", "seq_len"])
 def _bwd_delta_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_ol, stride_dob, stride_doh, stride_dol,
     num_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -176,7 +181,7 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
@@ -267,7 +272,7 @@ def _bwd_dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
@@ -327,37 +332,56 @@ def _bwd_dq_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-# Fixed, small blocks under the CPU interpreter (it runs one program at a time; 32 exercises the
-# boundary and interior paths on short test sequences). GPU tiles are autotuned per (L, D, dtype).
-_INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
+# Tiles. Under the CPU interpreter: small fixed blocks (it runs one program at a time; 32 exercises the
+# boundary and interior paths of short test sequences). On a GPU: a table by head dim, sized for the
+# shared memory of sm70 (96 KB) upwards; ADCLR_AUTOTUNE=1 autotunes over a few configurations
+# instead, once per (head dim, rule, dtype): the sequence length is not part of the key, so a new L
+# does not retune.
+_INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32)
+# head dim bound -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels.
+_TILE_TABLE = {
+    "fwd": ((64, (128, 64, 4, 3)), (128, (64, 64, 4, 2)), (256, (64, 32, 8, 2))),
+    "dkdv": ((64, (64, 64, 4, 3)), (128, (32, 64, 4, 2)), (256, (32, 32, 8, 2))),
+    "dq": ((64, (64, 64, 4, 3)), (128, (64, 32, 4, 2)), (256, (32, 32, 8, 2))),
+}
 
 
-def _gpu_configs(pairs):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
-    ]
+def _table_tiles(kind: str, head_dim: int) -> dict:
+    for bound, (block_m, block_n, warps, stages) in _TILE_TABLE[kind]:
+        if head_dim <= bound:
+            return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    raise ValueError(f"head dim {head_dim} exceeds the largest supported (256)")
 
 
-_FWD_CONFIGS = _gpu_configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)])
-_DKDV_CONFIGS = _gpu_configs([(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4)])
-_DQ_CONFIGS = _gpu_configs([(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)])
-_TUNE_KEY = ["seq_len", "shared_keys", "BLOCK_D", "QUERY_SELF"]
+def _autotune_configs(pairs):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_bwd_dq_kernel)
+
+_TUNE_KEY = ["BLOCK_D", "QUERY_SELF"]  # the autotuner adds the tensor dtypes itself
+_AUTOTUNED = {
+    "fwd": triton.autotune(_autotune_configs(
+        [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]),
+        key=_TUNE_KEY)(_fwd_kernel),
+    "dkdv": triton.autotune(_autotune_configs(
+        [(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4)]), key=_TUNE_KEY)(_bwd_dkdv_kernel),
+    "dq": triton.autotune(_autotune_configs(
+        [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]), key=_TUNE_KEY)(_bwd_dq_kernel),
+}
+_PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
 
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _launch(tuned, plain, grid, t: torch.Tensor, *args, **kwargs) -> None:
-    """The autotuned kernel on a GPU; the plain one with fixed blocks under the interpreter."""
+def _launch(kind: str, grid, t: torch.Tensor, *args, **kwargs) -> None:
+    """Launch kernel ``kind`` with the interpreter's tiles, the GPU table's, or autotuned ones."""
     if _interpreting(t):
-        plain[grid](*args, **kwargs, **_INTERPRETER_BLOCKS)
+        _PLAIN[kind][grid](*args, **kwargs, **_INTERPRETER_TILES)
+    elif os.environ.get("ADCLR_AUTOTUNE", "0") == "1":
+        _AUTOTUNED[kind][grid](*args, **kwargs)
     else:
-        tuned[grid](*args, **kwargs)
+        _PLAIN[kind][grid](*args, **kwargs, **_table_tiles(kind, t.shape[-1]))
 
 
 def _strides(t: torch.Tensor):
@@ -386,7 +410,7 @@ def _forward(q, k, v, o, lse, shared_keys: int, query_key_start: int, query_self
     batch, heads, seq_len, _ = q.shape
     grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     _launch(
-        _fwd_tuned, _fwd_kernel, grid, q,
+        "fwd", grid, q,
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         heads, seq_len, shared_keys, query_key_start, scale * LOG2E, **_dims(q, query_self),
     )
@@ -405,13 +429,13 @@ def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start
     layout_args = (heads, seq_len, shared_keys, query_key_start, scale * LOG2E, scale)
     grid_kv = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
     _launch(
-        _dkdv_tuned, _bwd_dkdv_kernel, grid_kv, q,
+        "dkdv", grid_kv, q,
         q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), *layout_args, **dims,
     )
     grid_q = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     _launch(
-        _dq_tuned, _bwd_dq_kernel, grid_q, q,
+        "dq", grid_q, q,
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dq), *layout_args, **dims,
     )
