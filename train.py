@@ -206,6 +206,7 @@ def main(args: argparse.Namespace) -> RunResult:
 
     # ---- training ------------------------------------------------------------------------------------
     evaluation: dict = {}
+    baseline: dict = {}  # the random-init metrics: computed once, at the first evaluation
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed + 1000 * epoch + dist_info.rank)  # augmentations, drop-path: resumable
         sampler.set_epoch(epoch)
@@ -242,7 +243,9 @@ def main(args: argparse.Namespace) -> RunResult:
                   "teacher_temp": float(temp_schedule[step]), "images_per_s": images_per_s}
         last_epoch = epoch + 1 == args.epochs
         if main_process and (last_epoch or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
-            evaluation = evaluate(args, teacher.backbone, random_init, device)
+            baseline = baseline or evaluate(args, random_init.to(device), device, "random_init")
+            random_init.cpu()
+            evaluation = {**evaluate(args, teacher.backbone, device, "teacher"), **baseline}
             record.update(evaluation)
             log("evaluation: " + json.dumps(evaluation))
         history.append(record)
@@ -308,20 +311,19 @@ def training_step(student, student_ddp, teacher, loss_fn, optimizer, scaler, cro
     return terms
 
 
-def evaluate(args, backbone, random_init, device) -> dict:
-    """k-NN top-1 and dense k-NN mIoU on the built-in labelled data, for the teacher and random init."""
-    size = args.global_size
-    train_set = SyntheticShapes(args.builtin_train_size, size, "train", args.seed, transform=eval_transform(size))
-    test_set = SyntheticShapes(args.builtin_test_size, size, "test", args.seed, transform=eval_transform(size))
-    results = {}
-    for name, model in (("teacher", backbone), ("random_init", random_init.to(device))):
-        was_training = model.training
-        results[f"knn_top1_{name}"] = knn_accuracy(model, train_set, test_set, SyntheticShapes.num_classes, device)
-        results[f"dense_miou_{name}"] = dense_knn_miou(model, train_set.__class__(args.builtin_train_size // 4, size,
-                                                       "train", args.seed), test_set.__class__(args.builtin_test_size // 2,
-                                                       size, "test", args.seed), size, device)
-        model.train(was_training)
-    random_init.cpu()
+def evaluate(args, backbone, device, name: str) -> dict:
+    """k-NN top-1 on CLS features and dense k-NN mIoU on patch features, on the built-in labelled data."""
+    size, seed = args.global_size, args.seed
+    transform = eval_transform(size)
+    was_training = backbone.training
+    results = {
+        f"knn_top1_{name}": knn_accuracy(backbone, SyntheticShapes(args.builtin_train_size, size, "train", seed, transform),
+                                         SyntheticShapes(args.builtin_test_size, size, "test", seed, transform),
+                                         SyntheticShapes.num_classes, device),
+        f"dense_miou_{name}": dense_knn_miou(backbone, SyntheticShapes(args.builtin_train_size // 4, size, "train", seed),
+                                             SyntheticShapes(args.builtin_test_size // 2, size, "test", seed), size, device),
+    }
+    backbone.train(was_training)
     return results
 
 
