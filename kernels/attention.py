@@ -6,6 +6,7 @@ CUDA sm80+, exact SDPA everywhere else; ``reference`` is the explicit (slow) for
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,11 +30,17 @@ def triton_is_default(device: torch.device) -> bool:
     """Whether ``backend="auto"`` picks the Triton kernel for tensors on ``device`` (CUDA sm80+)."""
     if device.type != "cuda" or interpreter_enabled():
         return False
+    return _fused_kernel_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_kernel_supported(device_index: int) -> bool:
+    """Triton importable and the GPU sm80+; asked once per device, not on every attention call."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def _check_backend(backend) -> None:
