@@ -19,6 +19,7 @@ from .sdpa import sdpa_attention
 BACKENDS = ("auto", "triton", "sdpa", "reference")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TRITON_HEAD_DIM = 256
+MAX_TRITON_HEAD_DIM_FP32 = 128  # fp32 tiles beyond this exceed sm80's shared memory or spill kilobytes
 
 
 def interpreter_enabled() -> bool:
@@ -81,7 +82,8 @@ def _check_dropout(dropout_p) -> None:
 def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: float) -> str:
     """Pick the backend for ``auto`` and reject requests the Triton kernel cannot serve."""
     if backend == "auto":
-        fused = triton_is_default(t.device) and t.dtype != torch.float64 and dropout_p == 0
+        fused = (triton_is_default(t.device) and t.dtype != torch.float64 and dropout_p == 0
+                 and not (t.dtype == torch.float32 and head_dim > MAX_TRITON_HEAD_DIM_FP32))
         return "triton" if fused else "sdpa"
     if backend == "triton":
         if dropout_p > 0:
@@ -95,6 +97,9 @@ def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: fl
             raise TypeError("backend='triton' supports float16, bfloat16 and float32, got torch.float64")
         if head_dim > MAX_TRITON_HEAD_DIM:
             raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}")
+        if t.dtype == torch.float32 and head_dim > MAX_TRITON_HEAD_DIM_FP32:
+            raise ValueError(f"backend='triton' supports float32 head dims up to {MAX_TRITON_HEAD_DIM_FP32}, got "
+                             f"{head_dim}; use float16/bfloat16 or backend='sdpa'")
         if t.device.type == "cuda" and t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device) < (8, 0):
             raise TypeError("backend='triton' needs sm80+ for bfloat16; use float16/float32 or backend='sdpa'")
     return backend

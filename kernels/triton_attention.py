@@ -339,18 +339,26 @@ def _bwd_dq_kernel(
 # does not retune.
 _INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32)
 # head dim bound -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels.
-_TILE_TABLE = {
-    "fwd": ((64, (128, 64, 4, 3)), (128, (64, 64, 4, 2)), (256, (64, 32, 8, 2))),
-    "dkdv": ((64, (64, 64, 4, 3)), (128, (32, 64, 4, 2)), (256, (32, 32, 8, 2))),
-    "dq": ((64, (64, 64, 4, 3)), (128, (64, 32, 4, 2)), (256, (32, 32, 8, 2))),
+_TILE_TABLE = {  # 8 warps: with 4, these tiles hit 255 registers and spill (bench/compile_check.py, sm90)
+    "fwd": ((64, (128, 64, 8, 3)), (128, (64, 64, 8, 2)), (256, (64, 32, 8, 2))),
+    "dkdv": ((64, (64, 64, 8, 3)), (128, (64, 32, 8, 2)), (256, (32, 32, 8, 2))),
+    "dq": ((64, (64, 64, 8, 3)), (128, (64, 32, 8, 2)), (256, (32, 32, 8, 2))),
+}
+# fp32 operands are twice the bytes and their exact products (tf32x3 / FMA) need more registers:
+# the half-precision tiles would take 160 KB of shared memory and spill kilobytes per thread.
+_FP32_TILE_TABLE = {  # head dims up to 128 (the public API refuses larger fp32 ones)
+    "fwd": ((64, (64, 32, 4, 2)), (128, (32, 32, 8, 2))),
+    "dkdv": ((64, (64, 32, 8, 2)), (128, (32, 32, 8, 2))),
+    "dq": ((64, (32, 32, 4, 2)), (128, (32, 32, 8, 2))),
 }
 
 
-def _table_tiles(kind: str, head_dim: int) -> dict:
-    for bound, (block_m, block_n, warps, stages) in _TILE_TABLE[kind]:
+def _table_tiles(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
+    table = _FP32_TILE_TABLE if dtype == torch.float32 else _TILE_TABLE
+    for bound, (block_m, block_n, warps, stages) in table[kind]:
         if head_dim <= bound:
             return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    raise ValueError(f"head dim {head_dim} exceeds the largest supported (256)")
+    raise ValueError(f"head dim {head_dim} exceeds the largest the tile table covers for {dtype}")
 
 
 def _autotune_configs(pairs):
@@ -381,7 +389,7 @@ def _launch(kind: str, grid, t: torch.Tensor, *args, **kwargs) -> None:
     elif os.environ.get("ADCLR_AUTOTUNE", "0") == "1":
         _AUTOTUNED[kind][grid](*args, **kwargs)
     else:
-        _PLAIN[kind][grid](*args, **kwargs, **_table_tiles(kind, t.shape[-1]))
+        _PLAIN[kind][grid](*args, **kwargs, **_table_tiles(kind, t.shape[-1], t.dtype))
 
 
 def _strides(t: torch.Tensor):
@@ -389,14 +397,23 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def dot_precision(dtype: torch.dtype, capability: tuple[int, int] | None) -> str:
+    """``tl.dot``'s input precision. fp16/bf16 use the tensor cores as they are. fp32 keeps fp32
+    accuracy: three TF32 products (``tf32x3``) on sm80+, exact FMA (``ieee``) below sm80 (no TF32)
+    and under the interpreter (``capability`` None). Plain ``ieee`` on sm80+ would spill kilobytes."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if capability is not None and capability >= (8, 0) else "ieee"
+
+
 def _dims(q: torch.Tensor, query_self: bool):
     head_dim = q.shape[-1]
+    capability = None if _interpreting(q) else torch.cuda.get_device_capability(q.device)
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         QUERY_SELF=query_self,
-        # fp32 inputs stay fp32 (no TF32 rounding); fp16/bf16 use the tensor cores as they are.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype, capability),
     )
 
 

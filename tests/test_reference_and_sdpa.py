@@ -135,6 +135,7 @@ LAYOUT = AttentionLayout(5, 2)
         (lambda q: adclr_attention(q.double(), q.double(), q.double(), LAYOUT, backend="triton"), TypeError, "float64"),
         (lambda q: adclr_attention(q, q, q, LAYOUT, backend="triton", dropout_p=0.1), ValueError, "dropout"),
         (lambda q: adclr_attention(*[torch.zeros(1, 1, 7, 264)] * 3, LAYOUT, backend="triton"), ValueError, "256"),
+        (lambda q: adclr_attention(*[torch.zeros(1, 1, 7, 160)] * 3, LAYOUT, backend="triton"), ValueError, "float32 head dims up to 128"),
     ],
 )
 def test_bad_inputs_raise_before_any_kernel(call, error, words, monkeypatch):
