@@ -227,13 +227,14 @@ def main(args: argparse.Namespace) -> RunResult:
                                   teacher_temp=temp_schedule[step], momentum=momentum_schedule[step],
                                   clip_grad=args.clip_grad, freeze_last_layer=epoch < args.freeze_last_layer,
                                   autocast_dtype=autocast_dtype)
-            finite_or_stop(terms.total.item(), f"epoch {epoch + 1}, iteration {it}", checkpoint_path)
+            values = {"loss": terms.total.item(), "cls": terms.cls.item(), "query": terms.query.item()}
+            finite_or_stop(values["loss"], f"epoch {epoch + 1}, iteration {it}", checkpoint_path)
 
-            for name, value in (("loss", terms.total), ("cls", terms.cls), ("query", terms.query)):
-                sums[name] += value.item()
+            for name, value in values.items():
+                sums[name] += value
             images_per_s = total_batch * (it + 1) / (time.perf_counter() - tic)
-            postfix = dict(loss=f"{terms.total.item():.3f}", cls=f"{terms.cls.item():.3f}",
-                           query=f"{terms.query.item():.3f}", lr=f"{lr_schedule[step]:.2e}", img_s=f"{images_per_s:.0f}")
+            postfix = {name: f"{value:.3f}" for name, value in values.items()}
+            postfix.update(lr=f"{lr_schedule[step]:.2e}", img_s=f"{images_per_s:.0f}")
             if device.type == "cuda":
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
             progress.set_postfix(postfix)

@@ -62,6 +62,7 @@ class Report:
     def write(self, plot_x: str | None = None) -> str:
         os.makedirs(self.output_dir, exist_ok=True)
         base = os.path.join(self.output_dir, self.name)
+        self._plot(base + ".png", plot_x)  # first: a missing matplotlib adds a note to the table
         with open(base + ".md", "w") as f:
             f.write(self.markdown())
         if self.rows:
@@ -69,7 +70,6 @@ class Report:
                 writer = csv.DictWriter(f, fieldnames=["device", "torch", "triton", "date", *self.rows[0]])
                 writer.writeheader()
                 writer.writerows({**self.stamp, **r} for r in self.rows)
-        self._plot(base + ".png", plot_x)
         return self.output_dir
 
     def _plot(self, path: str, x: str | None) -> None:
@@ -81,8 +81,6 @@ class Report:
             import matplotlib.pyplot as plt
         except ImportError:
             self.note("no PNG: matplotlib is not installed (pip install -e '.[bench]')")
-            with open(path.replace(".png", ".md"), "w") as f:
-                f.write(self.markdown())
             return
         rows = [r for r in self.rows if "ms" in r and (not x or str(r.get("shape", "")).startswith("sweep"))]
         if not rows:

@@ -105,6 +105,15 @@ def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: fl
     return backend
 
 
+def _resolve_call(backend, dropout_p, scale, t: torch.Tensor, layout, length: int, what: str) -> tuple[str, float]:
+    """The checks and choices both entry points share: ``(backend to run, scale)``."""
+    _check_backend(backend)
+    _check_dropout(dropout_p)
+    _check_layout(layout, length, what)
+    head_dim = t.shape[-1]
+    return _resolve_backend(backend, t, head_dim, dropout_p), _resolve_scale(scale, head_dim)
+
+
 def adclr_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,8 +128,6 @@ def adclr_attention(
 
     ``dropout_p`` drops attention weights (sdpa and reference backends only; pass 0 at eval time).
     """
-    _check_backend(backend)
-    _check_dropout(dropout_p)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
         if t.dim() != 4:
@@ -131,10 +138,7 @@ def adclr_attention(
         raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    _check_layout(layout, q.shape[2], "q")
-    head_dim = q.shape[-1]
-    scale = _resolve_scale(scale, head_dim)
-    backend = _resolve_backend(backend, q, head_dim, dropout_p)
+    backend, scale = _resolve_call(backend, dropout_p, scale, q, layout, q.shape[2], "q")
     if backend == "triton":
         from .triton_attention import triton_attention
 
@@ -156,15 +160,10 @@ def adclr_attention_packed(
     The Triton backend reads q, k, v straight out of ``qkv`` and writes ``[B, L, H, D]`` directly, so
     neither the split nor the output projection's input needs a transpose copy.
     """
-    _check_backend(backend)
-    _check_dropout(dropout_p)
     _check_tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
-    _check_layout(layout, qkv.shape[1], "qkv")
-    head_dim = qkv.shape[-1]
-    scale = _resolve_scale(scale, head_dim)
-    backend = _resolve_backend(backend, qkv, head_dim, dropout_p)
+    backend, scale = _resolve_call(backend, dropout_p, scale, qkv, layout, qkv.shape[1], "qkv")
     if backend == "triton":
         from .triton_attention import triton_attention_packed
 
