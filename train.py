@@ -31,8 +31,16 @@ from adclr.kernels import BACKENDS, QUERY_KEY_RULES
 from adclr.loss import ADCLRLoss, LossTerms
 from adclr.model import ARCHS, MultiCropWrapper, build_vit
 from adclr.training import (
-    cancel_last_layer_gradients, clip_gradients_per_parameter, cosine_schedule, ema_update, finite_or_stop,
-    init_distributed, param_groups, save_atomic, seed_everything, teacher_temp_schedule,
+    cancel_last_layer_gradients,
+    clip_gradients_per_parameter,
+    cosine_schedule,
+    ema_update,
+    finite_or_stop,
+    init_distributed,
+    param_groups,
+    save_atomic,
+    seed_everything,
+    teacher_temp_schedule,
 )
 
 # Size-related defaults: the paper's recipe on real data, a CPU-sized one on the built-in data.
@@ -41,14 +49,48 @@ from adclr.training import (
 # teacher's targets start nearly uniform and DINO needs far more iterations than a CPU run has to
 # escape that (measured: no k-NN gain after 600 iterations). Learning rate and weight decay stay
 # nearly flat, since a cosine to 1e-6 / 0.4 spends half of so short a run barely learning.
-PAPER = dict(arch="vit_small", patch_size=16, out_dim=65536, epochs=100, batch_size_per_gpu=64, global_size=224,
-             local_size=96, local_crops_number=10, num_query=10, warmup_epochs=10, warmup_teacher_temp_epochs=30,
-             teacher_temp=0.07, drop_path_rate=0.1, lr=0.0005, min_lr=1e-6, weight_decay_end=0.4,
-             head_hidden_dim=2048, head_bottleneck_dim=256, momentum_teacher=0.996)
-BUILTIN = dict(arch="vit_pico", patch_size=8, out_dim=256, epochs=16, batch_size_per_gpu=32, global_size=32,
-               local_size=16, local_crops_number=2, num_query=6, warmup_epochs=1, warmup_teacher_temp_epochs=0,
-               teacher_temp=0.04, drop_path_rate=0.0, lr=0.004, min_lr=2.5e-4, weight_decay_end=0.04,
-               head_hidden_dim=512, head_bottleneck_dim=32, momentum_teacher=0.996)
+PAPER = dict(
+    arch="vit_small",
+    patch_size=16,
+    out_dim=65536,
+    epochs=100,
+    batch_size_per_gpu=64,
+    global_size=224,
+    local_size=96,
+    local_crops_number=10,
+    num_query=10,
+    warmup_epochs=10,
+    warmup_teacher_temp_epochs=30,
+    teacher_temp=0.07,
+    drop_path_rate=0.1,
+    lr=0.0005,
+    min_lr=1e-6,
+    weight_decay_end=0.4,
+    head_hidden_dim=2048,
+    head_bottleneck_dim=256,
+    momentum_teacher=0.996,
+)
+BUILTIN = dict(
+    arch="vit_pico",
+    patch_size=8,
+    out_dim=256,
+    epochs=16,
+    batch_size_per_gpu=32,
+    global_size=32,
+    local_size=16,
+    local_crops_number=2,
+    num_query=6,
+    warmup_epochs=1,
+    warmup_teacher_temp_epochs=0,
+    teacher_temp=0.04,
+    drop_path_rate=0.0,
+    lr=0.004,
+    min_lr=2.5e-4,
+    weight_decay_end=0.04,
+    head_hidden_dim=512,
+    head_bottleneck_dim=32,
+    momentum_teacher=0.996,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,7 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dim", type=int, help=f"head output dimension K {preset}")
     p.add_argument("--head_hidden_dim", type=int, help=f"head MLP width {preset}")
     p.add_argument("--head_bottleneck_dim", type=int, help=f"head bottleneck width {preset}")
-    p.add_argument("--norm_last_layer", type=_bool, default=True, help="freeze the weight norm of the head's last layer")
+    p.add_argument(
+        "--norm_last_layer", type=_bool, default=True, help="freeze the weight norm of the head's last layer"
+    )
     p.add_argument("--separate_query_head", action="store_true", help="query tokens get their own head")
     p.add_argument("--drop_path_rate", type=float, help=f"stochastic depth of the student {preset}")
     p.add_argument("--attn_backend", choices=BACKENDS, default="auto", help="attention implementation")
@@ -76,8 +120,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_temp", type=float, help=f"teacher temperature after warm-up {preset}")
     p.add_argument("--warmup_teacher_temp_epochs", type=int, help=f"teacher temperature warm-up {preset}")
     # Optimisation
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                   help="autocast dtype; fp32 runs without autocast (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast dtype; fp32 runs without autocast (default: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--weight_decay", type=float, default=0.04)
     p.add_argument("--weight_decay_end", type=float, help=f"final weight decay of the cosine schedule {preset}")
     p.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter gradient norm clip (0: off)")
@@ -146,19 +193,34 @@ def main(args: argparse.Namespace) -> RunResult:
     seed_everything(args.seed + dist_info.rank)
 
     # ---- data: multi-crop views + query crops of every image -------------------------------------
-    augmentation = MultiCropAugmentation(MultiCropConfig(
-        global_size=args.global_size, local_size=args.local_size, global_crops_scale=tuple(args.global_crops_scale),
-        local_crops_scale=tuple(args.local_crops_scale), local_crops_number=args.local_crops_number,
-        num_query=args.num_query, query_scale=tuple(args.query_scale), patch_size=args.patch_size,
-    ))
+    augmentation = MultiCropAugmentation(
+        MultiCropConfig(
+            global_size=args.global_size,
+            local_size=args.local_size,
+            global_crops_scale=tuple(args.global_crops_scale),
+            local_crops_scale=tuple(args.local_crops_scale),
+            local_crops_number=args.local_crops_number,
+            num_query=args.num_query,
+            query_scale=tuple(args.query_scale),
+            patch_size=args.patch_size,
+        )
+    )
     if args.data_path:
         dataset = ImageFiles(args.data_path, transform=augmentation)
     else:
         dataset = SyntheticShapes(args.builtin_train_size, args.global_size, "train", args.seed, transform=augmentation)
-    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_multicrop)
+    sampler = DistributedSampler(
+        dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed, drop_last=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size_per_gpu,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        collate_fn=collate_multicrop,
+    )
     iters_per_epoch = len(loader)
     if iters_per_epoch == 0:
         raise SystemExit(f"{len(dataset)} images are fewer than one batch of {args.batch_size_per_gpu} per process")
@@ -169,8 +231,11 @@ def main(args: argparse.Namespace) -> RunResult:
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     random_init = copy.deepcopy(teacher.backbone).cpu()  # the k-NN baseline: same architecture, no training
-    student_ddp = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist_info.enabled else student
+    student_ddp = (
+        DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist_info.enabled
+        else student
+    )
 
     loss_fn = ADCLRLoss(args.out_dim, num_crops=2 + args.local_crops_number, lambda_query=args.lambda_query).to(device)
     optimizer = torch.optim.AdamW(param_groups(student))
@@ -179,11 +244,14 @@ def main(args: argparse.Namespace) -> RunResult:
 
     # ---- per-iteration schedules ------------------------------------------------------------------
     total_batch = args.batch_size_per_gpu * dist_info.world_size
-    lr_schedule = cosine_schedule(args.lr * total_batch / 256, args.min_lr, args.epochs, iters_per_epoch, args.warmup_epochs)
+    lr_schedule = cosine_schedule(
+        args.lr * total_batch / 256, args.min_lr, args.epochs, iters_per_epoch, args.warmup_epochs
+    )
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
-    temp_schedule = teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
-                                          args.epochs, iters_per_epoch)
+    temp_schedule = teacher_temp_schedule(
+        args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs, iters_per_epoch
+    )
 
     # ---- resume ------------------------------------------------------------------------------------
     start_epoch, history = 0, []
@@ -223,10 +291,21 @@ def main(args: argparse.Namespace) -> RunResult:
             crops = [c.to(device, non_blocking=True) for c in crops]
             query_crops = query_crops.to(device, non_blocking=True) if args.num_query > 0 else None
 
-            terms = training_step(student, student_ddp, teacher, loss_fn, optimizer, scaler, crops, query_crops,
-                                  teacher_temp=temp_schedule[step], momentum=momentum_schedule[step],
-                                  clip_grad=args.clip_grad, freeze_last_layer=epoch < args.freeze_last_layer,
-                                  autocast_dtype=autocast_dtype)
+            terms = training_step(
+                student,
+                student_ddp,
+                teacher,
+                loss_fn,
+                optimizer,
+                scaler,
+                crops,
+                query_crops,
+                teacher_temp=temp_schedule[step],
+                momentum=momentum_schedule[step],
+                clip_grad=args.clip_grad,
+                freeze_last_layer=epoch < args.freeze_last_layer,
+                autocast_dtype=autocast_dtype,
+            )
             values = {"loss": terms.total.item(), "cls": terms.cls.item(), "query": terms.query.item()}
             finite_or_stop(values["loss"], f"epoch {epoch + 1}, iteration {it}", checkpoint_path)
 
@@ -239,9 +318,14 @@ def main(args: argparse.Namespace) -> RunResult:
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
             progress.set_postfix(postfix)
 
-        record = {"epoch": epoch + 1, **{k: v / iters_per_epoch for k, v in sums.items()},
-                  "lr": float(lr_schedule[step]), "weight_decay": float(wd_schedule[step]),
-                  "teacher_temp": float(temp_schedule[step]), "images_per_s": images_per_s}
+        record = {
+            "epoch": epoch + 1,
+            **{k: v / iters_per_epoch for k, v in sums.items()},
+            "lr": float(lr_schedule[step]),
+            "weight_decay": float(wd_schedule[step]),
+            "teacher_temp": float(temp_schedule[step]),
+            "images_per_s": images_per_s,
+        }
         last_epoch = epoch + 1 == args.epochs
         if main_process and (last_epoch or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
             baseline = baseline or evaluate(args, random_init.to(device), device, "random_init")
@@ -252,9 +336,17 @@ def main(args: argparse.Namespace) -> RunResult:
         history.append(record)
 
         if main_process:
-            state = {"student": student.state_dict(), "teacher": teacher.state_dict(), "random_init": random_init.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "loss": loss_fn.state_dict(),
-                     "epoch": epoch + 1, "history": history, "args": vars(args)}
+            state = {
+                "student": student.state_dict(),
+                "teacher": teacher.state_dict(),
+                "random_init": random_init.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "loss": loss_fn.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "args": vars(args),
+            }
             save_atomic(state, checkpoint_path)
             if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
                 save_atomic(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04d}.pth"))
@@ -275,18 +367,44 @@ def main(args: argparse.Namespace) -> RunResult:
 
 def build_network(args: argparse.Namespace, drop_path_rate: float) -> MultiCropWrapper:
     """The ADCLR ViT with its DINO head (and a query head if asked), as the student or the teacher."""
-    backbone = build_vit(args.arch, args.patch_size, args.global_size, drop_path_rate=drop_path_rate,
-                         query_keys=args.query_keys, bidirectional=args.bidirectional, attn_backend=args.attn_backend)
+    backbone = build_vit(
+        args.arch,
+        args.patch_size,
+        args.global_size,
+        drop_path_rate=drop_path_rate,
+        query_keys=args.query_keys,
+        bidirectional=args.bidirectional,
+        attn_backend=args.attn_backend,
+    )
 
     def head():
-        return DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim,
-                        norm_last_layer=args.norm_last_layer)
+        return DINOHead(
+            backbone.embed_dim,
+            args.out_dim,
+            args.head_hidden_dim,
+            args.head_bottleneck_dim,
+            norm_last_layer=args.norm_last_layer,
+        )
 
     return MultiCropWrapper(backbone, head(), head() if args.separate_query_head else None)
 
 
-def training_step(student, student_ddp, teacher, loss_fn, optimizer, scaler, crops, query_crops, *, teacher_temp: float,
-                  momentum: float, clip_grad: float, freeze_last_layer: bool, autocast_dtype) -> LossTerms:
+def training_step(
+    student,
+    student_ddp,
+    teacher,
+    loss_fn,
+    optimizer,
+    scaler,
+    crops,
+    query_crops,
+    *,
+    teacher_temp: float,
+    momentum: float,
+    clip_grad: float,
+    freeze_last_layer: bool,
+    autocast_dtype,
+) -> LossTerms:
     """One ADCLR iteration: teacher on the global crops, student on all, loss, update, EMA.
 
     A non-finite loss returns before any update, so the caller can stop with the model untouched.
@@ -318,20 +436,32 @@ def evaluate(args, backbone, device, name: str) -> dict:
     transform = eval_transform(size)
     was_training = backbone.training
     results = {
-        f"knn_top1_{name}": knn_accuracy(backbone, SyntheticShapes(args.builtin_train_size, size, "train", seed, transform),
-                                         SyntheticShapes(args.builtin_test_size, size, "test", seed, transform),
-                                         SyntheticShapes.num_classes, device),
-        f"dense_miou_{name}": dense_knn_miou(backbone, SyntheticShapes(args.builtin_train_size // 4, size, "train", seed),
-                                             SyntheticShapes(args.builtin_test_size // 2, size, "test", seed), size, device),
+        f"knn_top1_{name}": knn_accuracy(
+            backbone,
+            SyntheticShapes(args.builtin_train_size, size, "train", seed, transform),
+            SyntheticShapes(args.builtin_test_size, size, "test", seed, transform),
+            SyntheticShapes.num_classes,
+            device,
+        ),
+        f"dense_miou_{name}": dense_knn_miou(
+            backbone,
+            SyntheticShapes(args.builtin_train_size // 4, size, "train", seed),
+            SyntheticShapes(args.builtin_test_size // 2, size, "test", seed),
+            size,
+            device,
+        ),
     }
     backbone.train(was_training)
     return results
 
 
 def summary(evaluation: dict) -> str:
-    return (f"k-NN top-1 on the built-in shapes: {evaluation['knn_top1_teacher']:.1f}% "
-            f"(random init: {evaluation['knn_top1_random_init']:.1f}%, chance: {100 / SyntheticShapes.num_classes:.1f}%); "
-            f"dense k-NN mIoU: {evaluation['dense_miou_teacher']:.1f}% (random init: {evaluation['dense_miou_random_init']:.1f}%)")
+    return (
+        f"k-NN top-1 on the built-in shapes: {evaluation['knn_top1_teacher']:.1f}% "
+        f"(random init: {evaluation['knn_top1_random_init']:.1f}%, chance: {100 / SyntheticShapes.num_classes:.1f}%); "
+        f"dense k-NN mIoU: {evaluation['dense_miou_teacher']:.1f}% "
+        f"(random init: {evaluation['dense_miou_random_init']:.1f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,24 +56,37 @@ class MultiCropAugmentation:
             lo, hi = getattr(cfg, name)
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
-        flip_and_color = v2.Compose([
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p),
-            v2.RandomGrayscale(p=cfg.grayscale_p),
-        ])
-        self.normalize = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
+        flip_and_color = v2.Compose(
+            [
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p),
+                v2.RandomGrayscale(p=cfg.grayscale_p),
+            ]
+        )
+        self.normalize = v2.Compose(
+            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+        )
         bicubic = InterpolationMode.BICUBIC
 
         def crop(size, scale):
             return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
 
         g, l_ = cfg.global_size, cfg.local_size
-        self.global1 = v2.Compose([crop(g, cfg.global_crops_scale), flip_and_color, _blur(g, cfg.blur_p[0]), self.normalize])
-        self.global2 = v2.Compose([
-            crop(g, cfg.global_crops_scale), flip_and_color, _blur(g, cfg.blur_p[1]),
-            v2.RandomSolarize(threshold=128, p=cfg.solarize_p), self.normalize,
-        ])
-        self.local = v2.Compose([crop(l_, cfg.local_crops_scale), flip_and_color, _blur(l_, cfg.blur_p[2]), self.normalize])
+        self.global1 = v2.Compose(
+            [crop(g, cfg.global_crops_scale), flip_and_color, _blur(g, cfg.blur_p[0]), self.normalize]
+        )
+        self.global2 = v2.Compose(
+            [
+                crop(g, cfg.global_crops_scale),
+                flip_and_color,
+                _blur(g, cfg.blur_p[1]),
+                v2.RandomSolarize(threshold=128, p=cfg.solarize_p),
+                self.normalize,
+            ]
+        )
+        self.local = v2.Compose(
+            [crop(l_, cfg.local_crops_scale), flip_and_color, _blur(l_, cfg.blur_p[2]), self.normalize]
+        )
 
     def query_crops(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_query`` random crops of ``image`` resized to one patch, and their boxes."""
@@ -83,7 +95,9 @@ class MultiCropAugmentation:
         crops, boxes = [], []
         for _ in range(cfg.num_query):
             top, left, h, w = v2.RandomResizedCrop.get_params(image, list(cfg.query_scale), list(cfg.query_ratio))
-            crops.append(v2.functional.resized_crop(image, top, left, h, w, [p, p], InterpolationMode.BICUBIC, antialias=True))
+            crops.append(
+                v2.functional.resized_crop(image, top, left, h, w, [p, p], InterpolationMode.BICUBIC, antialias=True)
+            )
             boxes.append((top, left, h, w))
         if not crops:
             return torch.empty(0, 3, p, p), torch.empty(0, 4, dtype=torch.long)
@@ -97,5 +111,8 @@ class MultiCropAugmentation:
         crops = [self.global1(image), self.global2(image)]
         crops += [self.local(image) for _ in range(self.config.local_crops_number)]
         query_crops, query_boxes = self.query_crops(image)
-        return {"crops": [c.as_subclass(torch.Tensor) for c in crops], "query_crops": query_crops.as_subclass(torch.Tensor),
-                "query_boxes": query_boxes}
+        return {
+            "crops": [c.as_subclass(torch.Tensor) for c in crops],
+            "query_crops": query_crops.as_subclass(torch.Tensor),
+            "query_boxes": query_boxes,
+        }

@@ -3,8 +3,8 @@
 The built-in set is generated deterministically from (seed, split, index): each image holds one
 shape (disk, square, triangle, cross, ring or bar) of random size, position and rotation, in a grey
 level contrasting with a textured grey background. The class is the shape and brightness carries no
-information about it, so a representation must see form to classify it (k-NN); the per-pixel mask (0 = background, c + 1 =
-shape c) makes a dense evaluation (segmentation mIoU) meaningful.
+information about it, so a representation must see form to classify it (k-NN); the per-pixel
+mask (0 = background, c + 1 = shape c) makes a dense evaluation (segmentation mIoU) meaningful.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ SHAPES = ("disk", "square", "triangle", "cross", "ring", "bar")
 _SPLIT_OFFSET = {"train": 0, "test": 1_000_003}
 
 
-def _shape_mask(kind: int, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: float, r: float, angle: float) -> torch.Tensor:
+def _shape_mask(
+    kind: int, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: float, r: float, angle: float
+) -> torch.Tensor:
     """Boolean mask of shape ``kind`` centred at (cy, cx) with radius ``r``, rotated by ``angle``."""
     dy, dx = ys - cy, xs - cx
     cos, sin = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))

@@ -12,10 +12,15 @@ from .data import SyntheticShapes
 
 
 def eval_transform(size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 @torch.no_grad()
@@ -31,8 +36,9 @@ def extract_features(backbone, dataset, batch_size: int, device, patches: bool =
 
 
 @torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, num_classes: int, k: int = 20, T: float = 0.07,
-                 chunk: int = 1024) -> torch.Tensor:
+def knn_classify(
+    train_features, train_labels, test_features, num_classes: int, k: int = 20, T: float = 0.07, chunk: int = 1024
+) -> torch.Tensor:
     """DINO's weighted k-NN: cosine similarity, top-k neighbours voting with weight exp(sim / T).
 
     Features must be L2-normalised. Test rows are processed in chunks, so any test-set size works;
@@ -49,8 +55,9 @@ def knn_classify(train_features, train_labels, test_features, num_classes: int, 
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
-def knn_accuracy(backbone, train_set, test_set, num_classes: int, device, batch_size: int = 128, k: int = 20,
-                 T: float = 0.07) -> float:
+def knn_accuracy(
+    backbone, train_set, test_set, num_classes: int, device, batch_size: int = 128, k: int = 20, T: float = 0.07
+) -> float:
     """Top-1 accuracy (%) of weighted k-NN on the backbone's CLS features."""
     train_f, train_y = extract_features(backbone, train_set, batch_size, device)
     test_f, test_y = extract_features(backbone, test_set, batch_size, device)
@@ -80,8 +87,16 @@ class _WithMasks(torch.utils.data.Dataset):
         return self.transform(image), mask
 
 
-def dense_knn_miou(backbone, train_set: SyntheticShapes, test_set: SyntheticShapes, image_size: int, device,
-                   k: int = 20, T: float = 0.07, max_train_patches: int = 50_000) -> float:
+def dense_knn_miou(
+    backbone,
+    train_set: SyntheticShapes,
+    test_set: SyntheticShapes,
+    image_size: int,
+    device,
+    k: int = 20,
+    T: float = 0.07,
+    max_train_patches: int = 50_000,
+) -> float:
     """Segmentation by k-NN over patch features: each test patch takes its neighbours' patch labels.
 
     A train patch's label is the majority class of its pixels; predictions are upsampled to pixels

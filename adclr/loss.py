@@ -32,8 +32,14 @@ class ADCLRLoss(nn.Module):
     with the teacher temperature the caller passes in (it follows a warm-up schedule).
     """
 
-    def __init__(self, out_dim: int, num_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 lambda_query: float = 0.5):
+    def __init__(
+        self,
+        out_dim: int,
+        num_crops: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        lambda_query: float = 0.5,
+    ):
         super().__init__()
         if num_crops < 2:
             raise ValueError(f"num_crops must be >= 2 (two global views), got {num_crops}")

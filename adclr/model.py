@@ -81,13 +81,15 @@ class ADCLRVisionTransformer(VisionTransformer):
     """A ViT that also carries query tokens under ADCLR's unidirectional attention.
 
     Args:
-        query_keys: the query-key rule of SPEC.md (default ``"prefix+raw"``, paper Eq. 5).
+        query_keys: the query-key rule of docs/layout.md (default ``"prefix+raw"``, paper Eq. 5).
         bidirectional: every token sees every token (the paper's collapsing ablation).
         attn_backend: ``auto`` / ``triton`` / ``sdpa`` / ``reference`` for every block.
         **vit_kwargs: passed to timm's ``VisionTransformer`` (``dynamic_img_size`` is forced on).
     """
 
-    def __init__(self, query_keys: str = "prefix+raw", bidirectional: bool = False, attn_backend: str = "auto", **vit_kwargs):
+    def __init__(
+        self, query_keys: str = "prefix+raw", bidirectional: bool = False, attn_backend: str = "auto", **vit_kwargs
+    ):
         vit_kwargs.setdefault("num_classes", 0)
         super().__init__(attn_layer=ADCLRAttention, dynamic_img_size=True, **vit_kwargs)
         AttentionLayout(2, 1, min(self.num_prefix_tokens, 1), query_keys, bidirectional)  # validate options early
@@ -109,7 +111,9 @@ class ADCLRVisionTransformer(VisionTransformer):
         B, Q = query_crops.shape[:2]
         p = self.patch_embed.patch_size
         if tuple(query_crops.shape[-2:]) != tuple(p):
-            raise ValueError(f"query_crops must be [B, Q, 3, {p[0]}, {p[1]}] (one patch each), got {tuple(query_crops.shape)}")
+            raise ValueError(
+                f"query_crops must be [B, Q, 3, {p[0]}, {p[1]}] (one patch each), got {tuple(query_crops.shape)}"
+            )
         tokens = self.patch_embed.proj(query_crops.flatten(0, 1)).reshape(B, Q, -1)
         return self.norm_pre(self.patch_embed.norm(tokens))
 
@@ -139,7 +143,9 @@ class ADCLRVisionTransformer(VisionTransformer):
         )
 
     @torch.no_grad()
-    def last_attention(self, views: torch.Tensor, query_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, AttentionLayout]:
+    def last_attention(
+        self, views: torch.Tensor, query_crops: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, AttentionLayout]:
         """The last block's attention weights ``[B, heads, L, L]`` and the layout, for visualisation."""
         x, layout = self.tokens_and_layout(views, query_crops)
         for block in self.blocks[:-1]:
@@ -159,8 +165,14 @@ def timm_create_kwargs(arch: str, patch_size: int, img_size: int = 224) -> dict:
     """``timm.create_model`` arguments that build the same architecture (to load an exported backbone)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
-    return dict(model_name="vit_small_patch16_224", patch_size=patch_size, img_size=img_size, num_classes=0,
-                dynamic_img_size=True, **ARCHS[arch])
+    return dict(
+        model_name="vit_small_patch16_224",
+        patch_size=patch_size,
+        img_size=img_size,
+        num_classes=0,
+        dynamic_img_size=True,
+        **ARCHS[arch],
+    )
 
 
 class MultiCropWrapper(nn.Module):

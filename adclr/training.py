@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 
-def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: int = 0,
-                    warmup_start: float = 0.0) -> np.ndarray:
+def cosine_schedule(
+    base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: int = 0, warmup_start: float = 0.0
+) -> np.ndarray:
     """Per-iteration values: linear warm-up from ``warmup_start`` to ``base``, then cosine to ``final``."""
     warmup_iters = min(warmup_epochs, epochs) * iters_per_epoch
     warmup = np.linspace(warmup_start, base, warmup_iters, endpoint=False) if warmup_iters else np.array([])
@@ -22,13 +23,17 @@ def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int
     return np.concatenate([warmup, cosine])
 
 
-def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int, iters_per_epoch: int) -> np.ndarray:
+def teacher_temp_schedule(
+    warmup_temp: float, temp: float, warmup_epochs: int, epochs: int, iters_per_epoch: int
+) -> np.ndarray:
     """Per-iteration teacher temperature: linear ``warmup_temp -> temp`` over ``warmup_epochs``, then flat."""
     warmup_iters = min(warmup_epochs, epochs) * iters_per_epoch
-    return np.concatenate([
-        np.linspace(warmup_temp, temp, warmup_iters, endpoint=False) if warmup_iters else np.array([]),
-        np.full(epochs * iters_per_epoch - warmup_iters, temp),
-    ])
+    return np.concatenate(
+        [
+            np.linspace(warmup_temp, temp, warmup_iters, endpoint=False) if warmup_iters else np.array([]),
+            np.full(epochs * iters_per_epoch - warmup_iters, temp),
+        ]
+    )
 
 
 @dataclass
@@ -111,5 +116,9 @@ def rng_state() -> dict:
 def finite_or_stop(value: float, where: str, checkpoint: str) -> None:
     """Stop the run on a non-finite loss, pointing at the last good checkpoint (which stays untouched)."""
     if not math.isfinite(value):
-        kept = f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint) else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint is {checkpoint}"
+            if os.path.exists(checkpoint)
+            else "no checkpoint was written yet"
+        )
         raise SystemExit(f"Loss is {value} at {where}; stopping training ({kept}).")

@@ -32,7 +32,9 @@ def heat_overlay(image: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_pictures(backbone, image: Image.Image, size: int, patch: int, num_query: int, output_dir: str) -> list[str]:
+def attention_pictures(
+    backbone, image: Image.Image, size: int, patch: int, num_query: int, output_dir: str
+) -> list[str]:
     """Render the CLS and query attention of ``backbone``'s last block on ``image``; returns the PNG paths."""
     image = image.convert("RGB").resize((size, size), Image.BICUBIC)
     to_unit = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -79,10 +81,14 @@ def main(argv=None) -> None:
     if args.image:
         image = Image.open(args.image)
     else:
-        pixels = SyntheticShapes(args.builtin_index + 1, run["global_size"], "test", run["seed"]).generate(args.builtin_index)[0]
+        pixels = SyntheticShapes(args.builtin_index + 1, run["global_size"], "test", run["seed"]).generate(
+            args.builtin_index
+        )[0]
         image = v2.functional.to_pil_image(pixels)
     torch.manual_seed(args.seed)
-    for path in attention_pictures(backbone, image, run["global_size"], run["patch_size"], args.num_query, args.output_dir):
+    for path in attention_pictures(
+        backbone, image, run["global_size"], run["patch_size"], args.num_query, args.output_dir
+    ):
         print(f"wrote {path}")
 
 

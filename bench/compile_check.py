@@ -51,11 +51,20 @@ def compile_kernel(kind: str, dtype: str, head_dim: int, query_self: bool, arch:
     """Compile one kernel for ``sm_<arch>``; returns Triton's compiled kernel (``.asm``, ``.metadata``)."""
     fn = KERNELS[kind]
     tiles = ops._table_tiles(kind, head_dim, DTYPES[dtype])
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), QUERY_SELF=query_self,
-                      PRECISION=ops.dot_precision(DTYPES[dtype], divmod(arch, 10)), BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"])
+    constexprs = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        QUERY_SELF=query_self,
+        PRECISION=ops.dot_precision(DTYPES[dtype], divmod(arch, 10)),
+        BLOCK_M=tiles["BLOCK_M"],
+        BLOCK_N=tiles["BLOCK_N"],
+    )
     # Pointers 16-byte aligned and sequence strides multiples of 16 elements, as for real ViT tensors.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name in POINTERS or name.startswith("stride_") and not name.endswith("l")}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name in POINTERS or name.startswith("stride_") and not name.endswith("l")
+    }
     source = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -79,7 +88,10 @@ def main(argv=None) -> int:
     parser.add_argument("--head_dims", type=int, nargs="+", default=[64, 80, 128])
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}")
-    print(f"{'arch':>5} {'kernel':6} {'dtype':5} {'D':>4} {'self':5} {'tiles':>14} {'regs':>5} {'stack':>6} {'smem KB':>8}")
+    print(
+        f"{'arch':>5} {'kernel':6} {'dtype':5} {'D':>4} {'self':5} {'tiles':>14} "
+        f"{'regs':>5} {'stack':>6} {'smem KB':>8}"
+    )
     failures = 0
     for arch in args.arch:
         for dtype in args.dtypes:
@@ -96,15 +108,19 @@ def main(argv=None) -> int:
                             kernel = compile_kernel(kind, dtype, head_dim, query_self, arch)
                         except Exception as error:  # noqa: BLE001 - report every failing combination
                             failures += 1
-                            print(f"{arch:>5} {kind:6} {dtype:5} {head_dim:>4} {query_self!s:5} {label:>14} FAILED: "
-                                  f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                            print(
+                                f"{arch:>5} {kind:6} {dtype:5} {head_dim:>4} {query_self!s:5} {label:>14} FAILED: "
+                                f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                            )
                             continue
                         regs, stack, _ = cubin_resources(kernel)
                         smem = kernel.metadata.shared / 1024  # dynamic shared memory Triton requests
                         over = smem > SHARED_LIMIT_KB.get(arch, 96)
                         failures += over
-                        print(f"{arch:>5} {kind:6} {dtype:5} {head_dim:>4} {query_self!s:5} {label:>14} "
-                              f"{regs:>5} {stack:>6} {smem:>8.1f}" + ("  OVER THE SHARED-MEMORY LIMIT" if over else ""))
+                        print(
+                            f"{arch:>5} {kind:6} {dtype:5} {head_dim:>4} {query_self!s:5} {label:>14} "
+                            f"{regs:>5} {stack:>6} {smem:>8.1f}" + ("  OVER THE SHARED-MEMORY LIMIT" if over else "")
+                        )
     print(f"{failures} failed")
     return failures
 

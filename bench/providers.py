@@ -7,7 +7,7 @@ flash kernel. ``make_providers`` returns those that can run here (with a reason 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,9 @@ def flex_mask_mod(layout: AttentionLayout):
     return mask_mod
 
 
-def make_providers(layout: AttentionLayout, scale: float, device: torch.device, dtype: torch.dtype,
-                   compile_flex: bool = True) -> tuple[dict[str, Provider], dict[str, str]]:
+def make_providers(
+    layout: AttentionLayout, scale: float, device: torch.device, dtype: torch.dtype, compile_flex: bool = True
+) -> tuple[dict[str, Provider], dict[str, str]]:
     """``({name: fn}, {name: why it is unavailable})`` for the layout on ``device``."""
     providers: dict[str, Provider] = {}
     missing: dict[str, str] = {}
@@ -83,8 +84,12 @@ def make_providers(layout: AttentionLayout, scale: float, device: torch.device, 
 
         bias = _xformers_bias(layout, q_dtype=dtype, device=device)
         providers["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias.expand(q.shape[0], q.shape[1], -1, -1),
-            scale=scale).transpose(1, 2)
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_bias=bias.expand(q.shape[0], q.shape[1], -1, -1),
+            scale=scale,
+        ).transpose(1, 2)
     except ImportError:
         missing["xformers"] = "xformers is not installed"
 
@@ -110,6 +115,7 @@ def attention_flops(layout: AttentionLayout, batch: int, heads: int, head_dim: i
 
 
 def attention_bytes(batch: int, heads: int, length: int, head_dim: int, element_size: int, mode: str) -> float:
-    """The fewest bytes moved: q, k, v read and o written (forward); q, k, v, o, dO read and dq, dk, dv written (backward)."""
+    """The fewest bytes moved: q, k, v read and o written (forward); q, k, v, o, dO read and dq, dk, dv
+    written (backward)."""
     tensor = batch * heads * length * head_dim * element_size
     return {"fwd": 4 * tensor, "bwd": 8 * tensor, "fwd+bwd": 12 * tensor}[mode]

@@ -18,8 +18,12 @@ def device_stamp(device: torch.device) -> dict:
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def _fmt(value) -> str:
@@ -85,7 +89,11 @@ class Report:
         rows = [r for r in self.rows if "ms" in r and (not x or str(r.get("shape", "")).startswith("sweep"))]
         if not rows:
             return
-        key = (lambda r: r[x]) if x else (lambda r: " ".join(str(r[k]) for k in ("shape", "rule", "dtype", "mode") if k in r))
+        key = (
+            (lambda r: r[x])
+            if x
+            else (lambda r: " ".join(str(r[k]) for k in ("shape", "rule", "dtype", "mode") if k in r))
+        )
         cases = list(dict.fromkeys(key(r) for r in rows))
         providers = list(dict.fromkeys(r["provider"] for r in rows))
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cases) * len(providers) / 3), 4.5))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from adclr.kernels import AttentionLayout
-from bench.attention import SHAPES
 from bench.providers import make_providers
+from bench.shapes import VIT_SHAPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA device")
 
@@ -17,16 +17,20 @@ PROVIDERS = ("ours", "paper", "sdpa_mask", "sdpa_sliced", "flex", "xformers", "f
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider_name", PROVIDERS)
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("shape", sorted(VIT_SHAPES))
 def test_attention(benchmark, shape, provider_name, mode):
-    batch, heads, R, Q, head_dim = SHAPES[shape]
+    batch, heads, R, Q, head_dim = VIT_SHAPES[shape]
     layout = AttentionLayout(R, Q)
     providers, missing = make_providers(layout, head_dim**-0.5, torch.device("cuda"), torch.bfloat16)
     if provider_name in missing:
         pytest.skip(missing[provider_name])
     provider = providers[provider_name]
-    q, k, v = (torch.randn(batch, heads, layout.length, head_dim, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=mode != "fwd") for _ in range(3))
+    q, k, v = (
+        torch.randn(
+            batch, heads, layout.length, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd"
+        )
+        for _ in range(3)
+    )
     do = torch.randn_like(q)
 
     def run():

@@ -47,13 +47,27 @@ def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     B, p = args.batch_size_per_gpu, args.patch_size
     crops = [torch.randn(B, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
-    crops += [torch.randn(B, 3, args.local_size, args.local_size, device=device) for _ in range(args.local_crops_number)]
+    crops += [
+        torch.randn(B, 3, args.local_size, args.local_size, device=device) for _ in range(args.local_crops_number)
+    ]
     query_crops = torch.randn(B, num_query, 3, p, p, device=device) if num_query else None
 
     def step():
-        train.training_step(student, student, teacher, loss_fn, optimizer, scaler, crops, query_crops,
-                            teacher_temp=0.04, momentum=0.996, clip_grad=args.clip_grad, freeze_last_layer=False,
-                            autocast_dtype=autocast_dtype)
+        train.training_step(
+            student,
+            student,
+            teacher,
+            loss_fn,
+            optimizer,
+            scaler,
+            crops,
+            query_crops,
+            teacher_temp=0.04,
+            momentum=0.996,
+            clip_grad=args.clip_grad,
+            freeze_last_layer=False,
+            autocast_dtype=autocast_dtype,
+        )
 
     warmup = 2 if tiny else 5
     for _ in range(warmup):
@@ -76,8 +90,17 @@ def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> 
             times.append((time.perf_counter() - tic) * 1e3)
     ms = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return dict(variant=variant, arch=f"{args.arch}/{p}", batch=B, crops=f"2x{args.global_size}+{args.local_crops_number}x{args.local_size}",
-                Q=num_query, precision=args.precision, step_ms=ms, images_per_s=B / (ms * 1e-3), peak_mib=peak)
+    return dict(
+        variant=variant,
+        arch=f"{args.arch}/{p}",
+        batch=B,
+        crops=f"2x{args.global_size}+{args.local_crops_number}x{args.local_size}",
+        Q=num_query,
+        precision=args.precision,
+        step_ms=ms,
+        images_per_s=B / (ms * 1e-3),
+        peak_mib=peak,
+    )
 
 
 def main(argv=None) -> str:

@@ -34,7 +34,7 @@ def triton_is_default(device: torch.device) -> bool:
     return _fused_kernel_supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fused_kernel_supported(device_index: int) -> bool:
     """Triton importable and the GPU sm80+; asked once per device, not on every attention call."""
     try:
@@ -82,8 +82,12 @@ def _check_dropout(dropout_p) -> None:
 def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: float) -> str:
     """Pick the backend for ``auto`` and reject requests the Triton kernel cannot serve."""
     if backend == "auto":
-        fused = (triton_is_default(t.device) and t.dtype != torch.float64 and dropout_p == 0
-                 and not (t.dtype == torch.float32 and head_dim > MAX_TRITON_HEAD_DIM_FP32))
+        fused = (
+            triton_is_default(t.device)
+            and t.dtype != torch.float64
+            and dropout_p == 0
+            and not (t.dtype == torch.float32 and head_dim > MAX_TRITON_HEAD_DIM_FP32)
+        )
         return "triton" if fused else "sdpa"
     if backend == "triton":
         if dropout_p > 0:
@@ -98,9 +102,15 @@ def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: fl
         if head_dim > MAX_TRITON_HEAD_DIM:
             raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}")
         if t.dtype == torch.float32 and head_dim > MAX_TRITON_HEAD_DIM_FP32:
-            raise ValueError(f"backend='triton' supports float32 head dims up to {MAX_TRITON_HEAD_DIM_FP32}, got "
-                             f"{head_dim}; use float16/bfloat16 or backend='sdpa'")
-        if t.device.type == "cuda" and t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device) < (8, 0):
+            raise ValueError(
+                f"backend='triton' supports float32 head dims up to {MAX_TRITON_HEAD_DIM_FP32}, got "
+                f"{head_dim}; use float16/bfloat16 or backend='sdpa'"
+            )
+        if (
+            t.device.type == "cuda"
+            and t.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(t.device) < (8, 0)
+        ):
             raise TypeError("backend='triton' needs sm80+ for bfloat16; use float16/float32 or backend='sdpa'")
     return backend
 

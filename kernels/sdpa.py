@@ -25,7 +25,9 @@ def sdpa_attention(
     raw_out = F.scaled_dot_product_attention(q[:, :, :shared], keys, values, scale=scale, dropout_p=dropout_p)
     query_q = q[:, :, shared:]
     if not q_self:
-        query_out = F.scaled_dot_product_attention(query_q, keys[:, :, q_start:], values[:, :, q_start:], scale=scale, dropout_p=dropout_p)
+        query_out = F.scaled_dot_product_attention(
+            query_q, keys[:, :, q_start:], values[:, :, q_start:], scale=scale, dropout_p=dropout_p
+        )
     else:
         # Query rows see keys [q_start, shared) and their own key: a mask over [q_start, L).
         query_mask = layout.dense_mask(q.device)[shared:, q_start:]

@@ -36,15 +36,34 @@ _RUNTIME_INTS = ["num_heads", "seq_len", "shared_keys", "query_key_start"]
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start_n, row_start, shared_keys, qk_scale,
-    offs_n, offs_d, d_ok, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kl,
+    stride_vl,
+    start_n,
+    row_start,
+    shared_keys,
+    qk_scale,
+    offs_n,
+    offs_d,
+    d_ok,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax. ``MASKED`` blocks apply per-row key ranges."""
     keys = start_n + offs_n
     if MASKED:
         key_ok = keys < shared_keys
-        kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vl + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        kT = tl.load(
+            k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
+        )
+        v = tl.load(
+            v_base + keys[:, None] * stride_vl + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0
+        )
     else:
         kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         v = tl.load(v_base + keys[:, None] * stride_vl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
@@ -75,12 +94,34 @@ def _key_blocks(start_m, shared_keys, query_key_start, BLOCK_M: tl.constexpr, BL
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _fwd_kernel(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
-    num_heads, seq_len, shared_keys, query_key_start, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUERY_SELF: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    num_heads,
+    seq_len,
+    shared_keys,
+    query_key_start,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QUERY_SELF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
@@ -116,14 +157,65 @@ def _fwd_kernel(
 
     lo, head, tail = _key_blocks(start_m, shared_keys, query_key_start, BLOCK_M, BLOCK_N)
     for start_n in range(lo, head, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start_n, row_start,
-                                   shared_keys, qk_scale, offs_n, offs_d, d_ok, True, PRECISION)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kl,
+            stride_vl,
+            start_n,
+            row_start,
+            shared_keys,
+            qk_scale,
+            offs_n,
+            offs_d,
+            d_ok,
+            True,
+            PRECISION,
+        )
     for start_n in range(head, tail, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start_n, row_start,
-                                   shared_keys, qk_scale, offs_n, offs_d, d_ok, False, PRECISION)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kl,
+            stride_vl,
+            start_n,
+            row_start,
+            shared_keys,
+            qk_scale,
+            offs_n,
+            offs_d,
+            d_ok,
+            False,
+            PRECISION,
+        )
     for start_n in range(tail, shared_keys, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start_n, row_start,
-                                   shared_keys, qk_scale, offs_n, offs_d, d_ok, True, PRECISION)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kl,
+            stride_vl,
+            start_n,
+            row_start,
+            shared_keys,
+            qk_scale,
+            offs_n,
+            offs_d,
+            d_ok,
+            True,
+            PRECISION,
+        )
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
@@ -133,8 +225,20 @@ def _fwd_kernel(
 
 @triton.jit(do_not_specialize=["num_heads", "seq_len"])
 def _bwd_delta_kernel(
-    O, DO, DELTA, stride_ob, stride_oh, stride_ol, stride_dob, stride_doh, stride_dol,
-    num_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_dob,
+    stride_doh,
+    stride_dol,
+    num_heads,
+    seq_len,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Delta_i = sum_d dO_id * O_id, the softmax-gradient correction of every row."""
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -144,23 +248,48 @@ def _bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :], mask=mask, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dol, start_m, keys, key_ok,
-    row_end, shared_keys, query_key_start, qk_scale, offs_m, offs_d, d_ok,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_ql,
+    stride_dol,
+    start_m,
+    keys,
+    key_ok,
+    row_end,
+    shared_keys,
+    query_key_start,
+    qk_scale,
+    offs_m,
+    offs_d,
+    d_ok,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Contribution of one row block to a key block's dK and dV (transposed scores, FA-2)."""
     rows = start_m + offs_m
     if MASKED:
         row_ok = rows < row_end
-        qT = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qT = tl.load(
+            q_base + rows[None, :] * stride_ql + offs_d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0
+        )
+        do = tl.load(
+            do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     else:
@@ -183,12 +312,44 @@ def _bwd_dkdv_inner(
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    stride_dob, stride_doh, stride_dol, stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
-    num_heads, seq_len, shared_keys, query_key_start, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUERY_SELF: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_dob,
+    stride_doh,
+    stride_dol,
+    stride_dkb,
+    stride_dkh,
+    stride_dkl,
+    stride_dvb,
+    stride_dvh,
+    stride_dvl,
+    num_heads,
+    seq_len,
+    shared_keys,
+    query_key_start,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QUERY_SELF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
@@ -206,8 +367,12 @@ def _bwd_dkdv_kernel(
     key_in = keys < seq_len
     key_ok = keys < shared_keys
     kv_mask = key_in[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + keys[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + keys[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -218,13 +383,55 @@ def _bwd_dkdv_kernel(
     boundary = (start_n < query_key_start) | (start_n + BLOCK_N > shared_keys)
     unmasked_end = tl.where(boundary, 0, (row_end // BLOCK_M) * BLOCK_M)
     for start_m in range(0, unmasked_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dol,
-                                 start_m, keys, key_ok, row_end, shared_keys, query_key_start, qk_scale,
-                                 offs_m, offs_d, d_ok, False, PRECISION)
+        dk, dv = _bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_ql,
+            stride_dol,
+            start_m,
+            keys,
+            key_ok,
+            row_end,
+            shared_keys,
+            query_key_start,
+            qk_scale,
+            offs_m,
+            offs_d,
+            d_ok,
+            False,
+            PRECISION,
+        )
     for start_m in range(unmasked_end, row_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dol,
-                                 start_m, keys, key_ok, row_end, shared_keys, query_key_start, qk_scale,
-                                 offs_m, offs_d, d_ok, True, PRECISION)
+        dk, dv = _bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_ql,
+            stride_dol,
+            start_m,
+            keys,
+            key_ok,
+            row_end,
+            shared_keys,
+            query_key_start,
+            qk_scale,
+            offs_m,
+            offs_d,
+            d_ok,
+            True,
+            PRECISION,
+        )
 
     if QUERY_SELF:
         # A query token's key is seen by its own row only: key j's gradient is row j's diagonal term.
@@ -241,23 +448,49 @@ def _bwd_dkdv_kernel(
         dk += ds[:, None] * q_j
 
     dk *= sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + keys[:, None] * stride_dkl + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + keys[:, None] * stride_dvl + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DK + b * stride_dkb + h * stride_dkh + keys[:, None] * stride_dkl + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b * stride_dvb + h * stride_dvh + keys[:, None] * stride_dvl + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, start_n, row_start, shared_keys, qk_scale,
-    offs_n, offs_d, d_ok, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kl,
+    stride_vl,
+    start_n,
+    row_start,
+    shared_keys,
+    qk_scale,
+    offs_n,
+    offs_d,
+    d_ok,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Contribution of one key block to a row block's dQ."""
     keys = start_n + offs_n
     if MASKED:
         key_ok = keys < shared_keys
-        kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-        vT = tl.load(v_base + keys[None, :] * stride_vl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        kT = tl.load(
+            k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
+        )
+        vT = tl.load(
+            v_base + keys[None, :] * stride_vl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
+        )
     else:
         kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         vT = tl.load(v_base + keys[None, :] * stride_vl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
@@ -274,12 +507,40 @@ def _bwd_dq_inner(
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    stride_dob, stride_doh, stride_dol, stride_dqb, stride_dqh, stride_dql,
-    num_heads, seq_len, shared_keys, query_key_start, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUERY_SELF: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_dob,
+    stride_doh,
+    stride_dol,
+    stride_dqb,
+    stride_dqh,
+    stride_dql,
+    num_heads,
+    seq_len,
+    shared_keys,
+    query_key_start,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QUERY_SELF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
@@ -294,8 +555,12 @@ def _bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
     row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_mask, other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_mask, other=0.0
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_mask, other=0.0
+    )
     lse = tl.load(LSE + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
     is_query = offs_m >= shared_keys
@@ -304,28 +569,89 @@ def _bwd_dq_kernel(
 
     lo, head, tail = _key_blocks(start_m, shared_keys, query_key_start, BLOCK_M, BLOCK_N)
     for start_n in range(lo, head, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, start_n, row_start,
-                           shared_keys, qk_scale, offs_n, offs_d, d_ok, True, PRECISION)
+        dq = _bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kl,
+            stride_vl,
+            start_n,
+            row_start,
+            shared_keys,
+            qk_scale,
+            offs_n,
+            offs_d,
+            d_ok,
+            True,
+            PRECISION,
+        )
     for start_n in range(head, tail, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, start_n, row_start,
-                           shared_keys, qk_scale, offs_n, offs_d, d_ok, False, PRECISION)
+        dq = _bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kl,
+            stride_vl,
+            start_n,
+            row_start,
+            shared_keys,
+            qk_scale,
+            offs_n,
+            offs_d,
+            d_ok,
+            False,
+            PRECISION,
+        )
     for start_n in range(tail, shared_keys, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, start_n, row_start,
-                           shared_keys, qk_scale, offs_n, offs_d, d_ok, True, PRECISION)
+        dq = _bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kl,
+            stride_vl,
+            start_n,
+            row_start,
+            shared_keys,
+            qk_scale,
+            offs_n,
+            offs_d,
+            d_ok,
+            True,
+            PRECISION,
+        )
 
     if QUERY_SELF:
         has_self = is_query & row_ok
         self_mask = has_self[:, None] & d_ok[None, :]
-        k_self = tl.load(k_base + offs_m[:, None] * stride_kl + offs_d[None, :], mask=self_mask, other=0.0).to(tl.float32)
-        v_self = tl.load(v_base + offs_m[:, None] * stride_vl + offs_d[None, :], mask=self_mask, other=0.0).to(tl.float32)
+        k_self = tl.load(k_base + offs_m[:, None] * stride_kl + offs_d[None, :], mask=self_mask, other=0.0).to(
+            tl.float32
+        )
+        v_self = tl.load(v_base + offs_m[:, None] * stride_vl + offs_d[None, :], mask=self_mask, other=0.0).to(
+            tl.float32
+        )
         p = tl.math.exp2(tl.sum(q.to(tl.float32) * k_self, 1) * qk_scale - lse)
         p = tl.where(has_self, p, 0.0)
         ds = p * (tl.sum(do.to(tl.float32) * v_self, 1) - delta)
         dq += ds[:, None] * k_self
 
     dq *= sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_mask)
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_mask,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,13 +693,19 @@ def _autotune_configs(pairs):
 
 _TUNE_KEY = ["BLOCK_D", "QUERY_SELF"]  # the autotuner adds the tensor dtypes itself
 _AUTOTUNED = {
-    "fwd": triton.autotune(_autotune_configs(
-        [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]),
-        key=_TUNE_KEY)(_fwd_kernel),
-    "dkdv": triton.autotune(_autotune_configs(
-        [(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4)]), key=_TUNE_KEY)(_bwd_dkdv_kernel),
-    "dq": triton.autotune(_autotune_configs(
-        [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]), key=_TUNE_KEY)(_bwd_dq_kernel),
+    "fwd": triton.autotune(
+        _autotune_configs(
+            [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
+        ),
+        key=_TUNE_KEY,
+    )(_fwd_kernel),
+    "dkdv": triton.autotune(
+        _autotune_configs([(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4)]),
+        key=_TUNE_KEY,
+    )(_bwd_dkdv_kernel),
+    "dq": triton.autotune(
+        _autotune_configs([(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]), key=_TUNE_KEY
+    )(_bwd_dq_kernel),
 }
 _PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
@@ -427,9 +759,24 @@ def _forward(q, k, v, o, lse, shared_keys: int, query_key_start: int, query_self
     batch, heads, seq_len, _ = q.shape
     grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     _launch(
-        "fwd", grid, q,
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        heads, seq_len, shared_keys, query_key_start, scale * LOG2E, **_dims(q, query_self),
+        "fwd",
+        grid,
+        q,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(o),
+        heads,
+        seq_len,
+        shared_keys,
+        query_key_start,
+        scale * LOG2E,
+        **_dims(q, query_self),
     )
 
 
@@ -440,21 +787,59 @@ def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start
     delta = torch.empty_like(lse)
     delta_block = 32 if _interpreting(q) else 64
     _bwd_delta_kernel[(batch * heads, triton.cdiv(seq_len, delta_block))](
-        o, do, delta, *_strides(o), *_strides(do), heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_D=dims["BLOCK_D"], BLOCK_M=delta_block,
+        o,
+        do,
+        delta,
+        *_strides(o),
+        *_strides(do),
+        heads,
+        seq_len,
+        HEAD_DIM=head_dim,
+        BLOCK_D=dims["BLOCK_D"],
+        BLOCK_M=delta_block,
     )
     layout_args = (heads, seq_len, shared_keys, query_key_start, scale * LOG2E, scale)
     grid_kv = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
     _launch(
-        "dkdv", grid_kv, q,
-        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), *layout_args, **dims,
+        "dkdv",
+        grid_kv,
+        q,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dk),
+        *_strides(dv),
+        *layout_args,
+        **dims,
     )
     grid_q = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     _launch(
-        "dq", grid_q, q,
-        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), *layout_args, **dims,
+        "dq",
+        grid_q,
+        q,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dq),
+        *layout_args,
+        **dims,
     )
 
 
@@ -465,8 +850,14 @@ def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start
 
 @torch.library.custom_op("adclr::attention_fwd", mutates_args=())
 def _attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shared_keys: int, query_key_start: int,
-    query_self: bool, scale: float, seq_major: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shared_keys: int,
+    query_key_start: int,
+    query_self: bool,
+    scale: float,
+    seq_major: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(o, lse)``; ``o`` is ``[B, L, H, D]`` when ``seq_major`` else ``[B, H, L, D]``."""
     batch, heads, seq_len, head_dim = q.shape
@@ -489,8 +880,17 @@ def _(q, k, v, shared_keys, query_key_start, query_self, scale, seq_major):
 
 @torch.library.custom_op("adclr::attention_bwd", mutates_args=())
 def _attention_bwd_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    shared_keys: int, query_key_start: int, query_self: bool, scale: float, seq_major: bool,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    shared_keys: int,
+    query_key_start: int,
+    query_self: bool,
+    scale: float,
+    seq_major: bool,
 ) -> torch.Tensor:
     """Returns dq, dk, dv stacked: ``[B, L, 3, H, D]`` when ``seq_major`` (a packed qkv's gradient)
     else ``[3, B, H, L, D]``. ``do`` and ``o`` are ``[B, H, L, D]`` views."""

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from adclr.kernels import AttentionLayout, reference_attention
+from adclr.kernels import QUERY_KEY_RULES, AttentionLayout, reference_attention
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the kernels in the interpreter
+RULES = [*QUERY_KEY_RULES, "bidirectional"]  # every query-key rule, plus the bidirectional ablation
+
+
+def layout_for(rule: str, R: int, Q: int, P: int) -> AttentionLayout:
+    """The layout of ``rule`` (one of ``RULES``) with R raw tokens (P of them prefix) and Q queries."""
+    if rule == "bidirectional":
+        return AttentionLayout(R, Q, P, bidirectional=True)
+    return AttentionLayout(R, Q, P, rule)
+
 
 # Additive floor on top of the "at most 2x PyTorch's own error" rule: one unit in the last place
 # at magnitude 1, so exact-zero PyTorch errors (e.g. L = 1) do not demand bit-exactness.

@@ -2,13 +2,10 @@
 
 import csv
 import math
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import attention, train_step  # noqa: E402
+from bench import attention, train_step
 
 pytestmark = pytest.mark.slow
 

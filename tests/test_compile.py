@@ -15,7 +15,24 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("arch, dtypes", [(90, ["bf16", "fp32"]), (80, ["fp16"]), (70, ["fp16"])])
 def test_kernels_compile_for_gpu_targets(arch, dtypes):
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-m", "bench.compile_check", "--arch", str(arch), "--dtypes", *dtypes,
-                             "--head_dims", "64", "80"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.compile_check",
+            "--arch",
+            str(arch),
+            "--dtypes",
+            *dtypes,
+            "--head_dims",
+            "64",
+            "80",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "0 failed" in result.stdout

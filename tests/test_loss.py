@@ -33,8 +33,12 @@ def test_matches_hand_computed_value():
 
 
 def random_outputs(B=4, Q=3, K=16, crops=4):
-    return (torch.randn(crops * B, K, requires_grad=True), torch.randn(2 * B, K, requires_grad=True),
-            torch.randn(2, B, Q, K, requires_grad=True), torch.randn(2, B, Q, K, requires_grad=True))
+    return (
+        torch.randn(crops * B, K, requires_grad=True),
+        torch.randn(2 * B, K, requires_grad=True),
+        torch.randn(2, B, Q, K, requires_grad=True),
+        torch.randn(2, B, Q, K, requires_grad=True),
+    )
 
 
 def test_no_gradient_reaches_the_teacher():

@@ -3,11 +3,11 @@
 import pytest
 import timm
 import torch
+from attention_utils import max_error
 
 from adclr.heads import DINOHead
 from adclr.kernels import AttentionLayout
 from adclr.model import MultiCropWrapper, build_vit, timm_create_kwargs
-from attention_utils import max_error
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
@@ -147,7 +147,9 @@ def test_gpu_vit_gradients_triton_match_reference_backend(rule, dtype):
     """
     from adclr.model import ADCLRVisionTransformer
 
-    model = ADCLRVisionTransformer(patch_size=16, img_size=96, embed_dim=384, depth=2, num_heads=6, query_keys=rule).cuda()
+    model = ADCLRVisionTransformer(
+        patch_size=16, img_size=96, embed_dim=384, depth=2, num_heads=6, query_keys=rule
+    ).cuda()
     views, crops = torch.randn(4, 3, 96, 96, device="cuda"), torch.randn(4, 10, 3, 16, 16, device="cuda")
     weights = (torch.randn(4, 384, device="cuda"), torch.randn(4, 10, 384, device="cuda"))
     truth = _all_grads(model, "reference", views, crops, weights, torch.float32)
@@ -156,4 +158,6 @@ def test_gpu_vit_gradients_triton_match_reference_backend(rule, dtype):
         assert max_error(fused, truth) <= 1e-4 * truth.abs().max().item()
     else:
         low_precision_reference = _all_grads(model, "reference", views, crops, weights, dtype)
-        assert max_error(fused, truth) <= 2 * max_error(low_precision_reference, truth) + 1e-3 * truth.abs().max().item()
+        assert (
+            max_error(fused, truth) <= 2 * max_error(low_precision_reference, truth) + 1e-3 * truth.abs().max().item()
+        )

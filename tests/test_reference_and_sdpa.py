@@ -4,21 +4,13 @@ import random
 
 import pytest
 import torch
+from attention_utils import RULES, layout_for, make_qkv, max_error, reference_with_grads
 
-from adclr.kernels import QUERY_KEY_RULES, AttentionLayout, adclr_attention, adclr_attention_packed
-from attention_utils import make_qkv, max_error, reference_with_grads
-
-RULES = list(QUERY_KEY_RULES) + ["bidirectional"]
-
-
-def layout_for(rule, R, Q, P):
-    if rule == "bidirectional":
-        return AttentionLayout(R, Q, P, bidirectional=True)
-    return AttentionLayout(R, Q, P, rule)
+from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed
 
 
 def row_loop_attention(q, k, v, layout, scale):
-    """One row at a time over its allowed keys, straight from SPEC.md (no mask tensor)."""
+    """One row at a time over its allowed keys, straight from the layout table in docs/layout.md (no mask tensor)."""
     out = torch.empty_like(q)
     for i in range(layout.length):
         start, end, has_self = layout.row_keys(i)
@@ -135,7 +127,11 @@ LAYOUT = AttentionLayout(5, 2)
         (lambda q: adclr_attention(q.double(), q.double(), q.double(), LAYOUT, backend="triton"), TypeError, "float64"),
         (lambda q: adclr_attention(q, q, q, LAYOUT, backend="triton", dropout_p=0.1), ValueError, "dropout"),
         (lambda q: adclr_attention(*[torch.zeros(1, 1, 7, 264)] * 3, LAYOUT, backend="triton"), ValueError, "256"),
-        (lambda q: adclr_attention(*[torch.zeros(1, 1, 7, 160)] * 3, LAYOUT, backend="triton"), ValueError, "float32 head dims up to 128"),
+        (
+            lambda q: adclr_attention(*[torch.zeros(1, 1, 7, 160)] * 3, LAYOUT, backend="triton"),
+            ValueError,
+            "float32 head dims up to 128",
+        ),
     ],
 )
 def test_bad_inputs_raise_before_any_kernel(call, error, words, monkeypatch):

@@ -10,7 +10,9 @@ from adclr.model import ADCLRVisionTransformer, MultiCropWrapper
 
 
 def test_thirty_steps_lower_the_total_loss():
-    backbone = ADCLRVisionTransformer(patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, attn_backend="sdpa")
+    backbone = ADCLRVisionTransformer(
+        patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, attn_backend="sdpa"
+    )
     student = MultiCropWrapper(backbone, DINOHead(32, out_dim=64, hidden_dim=64, bottleneck_dim=16))
     teacher = copy.deepcopy(student).requires_grad_(False)
     loss_fn = ADCLRLoss(out_dim=64, num_crops=4)

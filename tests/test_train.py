@@ -13,14 +13,35 @@ import timm
 import torch
 import torch.multiprocessing as mp
 
+import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
 
 TINY = [
-    "--builtin_train_size", "48", "--builtin_test_size", "24", "--batch_size_per_gpu", "8", "--num_workers", "0",
-    "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--local_crops_number", "2",
-    "--num_query", "3", "--precision", "fp32", "--warmup_epochs", "1", "--saveckp_freq", "1",
+    "--builtin_train_size",
+    "48",
+    "--builtin_test_size",
+    "24",
+    "--batch_size_per_gpu",
+    "8",
+    "--num_workers",
+    "0",
+    "--out_dim",
+    "64",
+    "--head_hidden_dim",
+    "32",
+    "--head_bottleneck_dim",
+    "16",
+    "--local_crops_number",
+    "2",
+    "--num_query",
+    "3",
+    "--precision",
+    "fp32",
+    "--warmup_epochs",
+    "1",
+    "--saveckp_freq",
+    "1",
 ]
 
 pytestmark = pytest.mark.slow
@@ -36,8 +57,13 @@ def digest(path):
 
 def test_entry_point_trains_checkpoints_and_evaluates(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--epochs", "1", "--output_dir", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--epochs", "1", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "k-NN top-1 on the built-in shapes" in result.stdout
     record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
@@ -60,8 +86,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def _ddp_worker(rank, world_size, port, output_dir, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     result = run(output_dir, "--epochs", "1", "--builtin_train_size", "32")
     torch.save(result.student.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
@@ -122,7 +149,9 @@ def test_visualize_writes_attention_pictures(tmp_path):
     from adclr.visualize import main as visualize
 
     run(tmp_path, "--epochs", "1")
-    visualize(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--output_dir", str(tmp_path / "pics"), "--num_query", "3"])
+    visualize(
+        ["--checkpoint", str(tmp_path / "checkpoint.pth"), "--output_dir", str(tmp_path / "pics"), "--num_query", "3"]
+    )
     cls_png = Image.open(tmp_path / "pics" / "cls_attention.png")
     query_png = Image.open(tmp_path / "pics" / "query_attention.png")
     heads = 3  # vit_pico

@@ -8,20 +8,21 @@ import math
 
 import pytest
 import torch
+from attention_utils import (
+    KERNEL_DEVICE,
+    RULES,
+    assert_close_to_truth,
+    layout_for,
+    make_qkv,
+    max_error,
+    reference_with_grads,
+)
 
-from adclr.kernels import QUERY_KEY_RULES, AttentionLayout, adclr_attention, adclr_attention_packed
+from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
-from attention_utils import assert_close_to_truth, make_qkv, max_error, reference_with_grads
-from conftest import KERNEL_DEVICE
+from bench.shapes import VIT_SHAPES
 
-RULES = list(QUERY_KEY_RULES) + ["bidirectional"]
 STORAGES = ("contiguous", "strided", "packed")
-
-
-def layout_for(rule, R, Q, P):
-    if rule == "bidirectional":
-        return AttentionLayout(R, Q, P, bidirectional=True)
-    return AttentionLayout(R, Q, P, rule)
 
 
 def inputs(batch, heads, layout, head_dim, dtype, storage, device=KERNEL_DEVICE):
@@ -75,8 +76,9 @@ def spec_cases():
                     R = L - Q
                     if R < max(P, 1) or (rule == "raw" and P == R and Q > 0):
                         continue
-                    cases.append(pytest.param(rule, R, Q, P, (16, 64, 80)[i % 3], STORAGES[i % 3],
-                                              id=f"{rule}-R{R}-Q{Q}-P{P}"))
+                    cases.append(
+                        pytest.param(rule, R, Q, P, (16, 64, 80)[i % 3], STORAGES[i % 3], id=f"{rule}-R{R}-Q{Q}-P{P}")
+                    )
                     i += 1
     return cases
 
@@ -122,8 +124,9 @@ def test_compiles_without_graph_break():
     layout = AttentionLayout(21, 4, query_keys="prefix+raw+self")
     qkv = torch.randn(2, layout.length, 3, 2, 16, device=KERNEL_DEVICE, requires_grad=True)
     backend = "inductor" if KERNEL_DEVICE == "cuda" else "aot_eager"
-    compiled = torch.compile(lambda x: adclr_attention_packed(x, layout, backend="triton").sum(),
-                             fullgraph=True, backend=backend)
+    compiled = torch.compile(
+        lambda x: adclr_attention_packed(x, layout, backend="triton").sum(), fullgraph=True, backend=backend
+    )
     eager = adclr_attention_packed(qkv.double(), layout, backend="reference").sum()
     value = compiled(qkv)
     (grad,) = torch.autograd.grad(value, qkv)
@@ -144,20 +147,13 @@ def test_fp32_attention_is_not_tf32_rounded():
 # GPU only
 # -------------------------------------------------------------------------------------------------
 
-REAL_SHAPES = {
-    "vit_s16_global": (128, 6, 197, 10, 64),
-    "vit_s16_local96": (512, 6, 37, 10, 64),
-    "vit_b16_global": (64, 12, 197, 10, 64),
-    "vit_s8_global": (32, 6, 785, 10, 64),
-}
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("shape", list(REAL_SHAPES), ids=list(REAL_SHAPES))
+@pytest.mark.parametrize("shape", list(VIT_SHAPES), ids=list(VIT_SHAPES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_real_shapes(shape, rule, dtype):
-    B, H, R, Q, D = REAL_SHAPES[shape]
+    B, H, R, Q, D = VIT_SHAPES[shape]
     layout = layout_for(rule, R, Q, 1)
     q, k, v = inputs(B, H, layout, D, dtype, "packed", device="cuda")
     check_against_reference(q, k, v, layout, D**-0.5, "packed", dtype)
