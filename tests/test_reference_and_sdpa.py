@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from attention_utils import RULES, layout_for, make_qkv, max_error, reference_with_grads
+from attention_utils import KERNEL_DEVICE, RULES, layout_for, make_qkv, max_error, reference_with_grads
 
 from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed
 
@@ -140,3 +140,25 @@ def test_bad_inputs_raise_before_any_kernel(call, error, words, monkeypatch):
     q = torch.randn(1, 2, 7, 4)
     with pytest.raises(error, match=words):
         call(q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+@pytest.mark.parametrize("rule", RULES[:-1])
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_a_key_a_row_may_not_see_cannot_poison_it(backend, rule, poison):
+    """inf/NaN in the k and v of the first query token reach only the rows allowed to see that key."""
+    layout = layout_for(rule, 11, 3, 1)
+    R = layout.num_raw
+    q, k, v = make_qkv(2, 2, layout.length, 16, torch.float32, KERNEL_DEVICE if backend == "triton" else "cpu")
+    clean = adclr_attention(q, k, v, layout, backend=backend)
+    k, v = k.clone(), v.clone()
+    k[:, :, R], v[:, :, R] = poison, poison
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = adclr_attention(q, k, v, layout, backend=backend)
+    blind = ~layout.dense_mask()[:, R]  # rows that must not see key R
+    assert blind.sum() >= layout.length - 1
+    assert max_error(out[:, :, blind], clean[:, :, blind]) < 1e-5
+    if not layout.query_self:  # nobody sees key R: every gradient stays finite, and its own k/v get exactly zero
+        out.backward(torch.randn_like(out))
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        assert torch.count_nonzero(k.grad[:, :, R]) == 0 and torch.count_nonzero(v.grad[:, :, R]) == 0
