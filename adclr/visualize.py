@@ -41,7 +41,8 @@ def attention_pictures(
     pixels = to_unit(image)
     views = v2.functional.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)[None]
     augment = MultiCropAugmentation(MultiCropConfig(num_query=num_query, patch_size=patch, local_crops_number=0))
-    query_crops, boxes = augment.query_crops(image)
+    boxes = augment.query_boxes(image)
+    query_crops = augment.crop_queries(image, boxes)
     probs, layout = backbone.last_attention(views, query_crops[None] if num_query else None)
     P, R, grid = layout.num_prefix, layout.num_raw, size // patch
 
