@@ -82,14 +82,12 @@ def main(argv=None) -> None:
     if args.image:
         image = Image.open(args.image)
     else:
-        pixels = SyntheticShapes(args.builtin_index + 1, run["global_size"], "test", run["seed"]).generate(
+        pixels = SyntheticShapes(args.builtin_index + 1, run.global_size, "test", run.seed).generate(
             args.builtin_index
         )[0]
         image = v2.functional.to_pil_image(pixels)
     torch.manual_seed(args.seed)
-    for path in attention_pictures(
-        backbone, image, run["global_size"], run["patch_size"], args.num_query, args.output_dir
-    ):
+    for path in attention_pictures(backbone, image, run.global_size, run.patch_size, args.num_query, args.output_dir):
         print(f"wrote {path}")
 
 
