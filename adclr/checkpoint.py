@@ -175,7 +175,7 @@ def _read(path: str) -> dict:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f"a {found.group(1)}" if found else "Python objects other than tensors and plain containers"
+        what = f"a Python object ({found.group(1)})" if found else "Python objects other than tensors and containers"
         raise CheckpointError(
             f"{path} is not a checkpoint this code reads: it holds {what}, which is never unpickled"
         ) from None

@@ -121,7 +121,10 @@ def test_unversioned_checkpoint_without_a_setting_is_refused(tmp_path, trained):
         (None, "truncated"),
         (b"", "truncated"),
         (b"this is not a checkpoint" * 20, "truncated"),
-        ({"args": argparse.Namespace(lr=0.1), "student": {}}, "holds a argparse.Namespace, which is never unpickled"),
+        (
+            {"args": argparse.Namespace(lr=0.1), "student": {}},
+            r"holds a Python object \(argparse.Namespace\), which is never unpickled",
+        ),
         ([torch.zeros(2)], "holds a list, not a checkpoint dict"),
         ({"weights": torch.zeros(2)}, "not a train.py checkpoint"),
         ({"format": "other-tool", "version": 1}, "is a 'other-tool' file"),
