@@ -46,8 +46,8 @@ class MultiCropConfig:
 class MultiCropAugmentation:
     """Callable on a PIL image or a uint8 ``[C, H, W]`` tensor; returns a dict:
 
-    ``crops`` (list of 2 global then local ``[3, s, s]`` float tensors), ``query_crops``
-    ``[Q, 3, p, p]`` and ``query_boxes`` ``[Q, 4]`` (top, left, height, width in source pixels).
+    ``crops`` (list of 2 global then local ``[3, s, s]`` float tensors) and ``query_crops``
+    ``[Q, 3, p, p]``, cut at ``query_boxes(image)`` by ``crop_queries`` (which pictures use as well).
     """
 
     def __init__(self, config: MultiCropConfig | None = None):
@@ -88,20 +88,22 @@ class MultiCropAugmentation:
             [crop(l_, cfg.local_crops_scale), flip_and_color, _blur(l_, cfg.blur_p[2]), self.normalize]
         )
 
-    def query_crops(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """``num_query`` random crops of ``image`` resized to one patch, and their boxes."""
+    def query_boxes(self, image: Image.Image) -> torch.Tensor:
+        """``num_query`` random boxes of ``image`` with areas in ``query_scale``: ``[Q, 4]`` (top, left, height,
+        width in pixels)."""
         cfg = self.config
-        p = cfg.patch_size
-        crops, boxes = [], []
-        for _ in range(cfg.num_query):
-            top, left, h, w = v2.RandomResizedCrop.get_params(image, list(cfg.query_scale), list(cfg.query_ratio))
-            crops.append(
-                v2.functional.resized_crop(image, top, left, h, w, [p, p], InterpolationMode.BICUBIC, antialias=True)
-            )
-            boxes.append((top, left, h, w))
-        if not crops:
-            return torch.empty(0, 3, p, p), torch.empty(0, 4, dtype=torch.long)
-        return torch.stack([self.normalize(c) for c in crops]), torch.tensor(boxes)
+        scale, ratio = list(cfg.query_scale), list(cfg.query_ratio)
+        boxes = [v2.RandomResizedCrop.get_params(image, scale, ratio) for _ in range(cfg.num_query)]
+        return torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)
+
+    def crop_queries(self, image: Image.Image, boxes: torch.Tensor) -> torch.Tensor:
+        """The ``boxes`` of ``image``, each resized to one patch and normalised: ``[len(boxes), 3, p, p]``."""
+        p = self.config.patch_size
+        crops = [
+            self.normalize(v2.functional.resized_crop(image, *box, [p, p], InterpolationMode.BICUBIC, antialias=True))
+            for box in boxes.tolist()
+        ]
+        return torch.stack(crops).as_subclass(torch.Tensor) if crops else torch.empty(0, 3, p, p)
 
     def __call__(self, image) -> dict:
         # PIL is torchvision's fastest backend for these small per-image ops (colour jitter above all).
@@ -110,9 +112,5 @@ class MultiCropAugmentation:
         image = image.convert("RGB")
         crops = [self.global1(image), self.global2(image)]
         crops += [self.local(image) for _ in range(self.config.local_crops_number)]
-        query_crops, query_boxes = self.query_crops(image)
-        return {
-            "crops": [c.as_subclass(torch.Tensor) for c in crops],
-            "query_crops": query_crops.as_subclass(torch.Tensor),
-            "query_boxes": query_boxes,
-        }
+        query_crops = self.crop_queries(image, self.query_boxes(image))
+        return {"crops": [c.as_subclass(torch.Tensor) for c in crops], "query_crops": query_crops}

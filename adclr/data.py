@@ -84,9 +84,6 @@ class SyntheticShapes(Dataset):
         image, _, label = self.generate(index)
         return (self.transform(image) if self.transform else image), label
 
-    def mask(self, index: int) -> torch.Tensor:
-        return self.generate(index)[1]
-
 
 class ImageFiles(Dataset):
     """Images under ``root``: an ImageFolder tree (labels from folder names) or a flat folder (label -1).

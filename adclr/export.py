@@ -22,8 +22,8 @@ METADATA_KEY = "timm_create_kwargs"
 
 def export(checkpoint: str, output: str, branch: str = "teacher") -> dict:
     """Write ``branch``'s backbone to ``output``; returns the timm arguments stored with it."""
-    backbone, args = load_backbone(checkpoint, branch)
-    kwargs = timm_create_kwargs(args["arch"], args["patch_size"], args["global_size"])
+    backbone, config = load_backbone(checkpoint, branch)
+    kwargs = timm_create_kwargs(config.arch, config.patch_size, config.global_size)
     tensors = {name: t.contiguous() for name, t in backbone.state_dict().items()}
     save_file(tensors, output, metadata={METADATA_KEY: json.dumps(kwargs)})
     return kwargs

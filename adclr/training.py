@@ -1,8 +1,7 @@
-"""Pieces of the training loop that are not the loop itself: schedules, process groups, checkpoints."""
+"""The small parts ``adclr.engine`` composes: schedules, process groups, seeding, parameter groups, clipping, EMA."""
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -98,27 +97,3 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: flo
     teacher_params = list(teacher.parameters())
     student_params = [p.detach() for p in student.parameters()]
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
-
-
-def save_atomic(state: dict, path: str) -> None:
-    """Write ``state`` to ``path`` so that a crash mid-write never leaves a torn file behind."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def finite_or_stop(value: float, where: str, checkpoint: str) -> None:
-    """Stop the run on a non-finite loss, pointing at the last good checkpoint (which stays untouched)."""
-    if not math.isfinite(value):
-        kept = (
-            f"the last good checkpoint is {checkpoint}"
-            if os.path.exists(checkpoint)
-            else "no checkpoint was written yet"
-        )
-        raise SystemExit(f"Loss is {value} at {where}; stopping training ({kept}).")

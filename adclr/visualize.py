@@ -41,7 +41,8 @@ def attention_pictures(
     pixels = to_unit(image)
     views = v2.functional.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)[None]
     augment = MultiCropAugmentation(MultiCropConfig(num_query=num_query, patch_size=patch, local_crops_number=0))
-    query_crops, boxes = augment.query_crops(image)
+    boxes = augment.query_boxes(image)
+    query_crops = augment.crop_queries(image, boxes)
     probs, layout = backbone.last_attention(views, query_crops[None] if num_query else None)
     P, R, grid = layout.num_prefix, layout.num_raw, size // patch
 
@@ -81,14 +82,12 @@ def main(argv=None) -> None:
     if args.image:
         image = Image.open(args.image)
     else:
-        pixels = SyntheticShapes(args.builtin_index + 1, run["global_size"], "test", run["seed"]).generate(
+        pixels = SyntheticShapes(args.builtin_index + 1, run.global_size, "test", run.seed).generate(
             args.builtin_index
         )[0]
         image = v2.functional.to_pil_image(pixels)
     torch.manual_seed(args.seed)
-    for path in attention_pictures(
-        backbone, image, run["global_size"], run["patch_size"], args.num_query, args.output_dir
-    ):
+    for path in attention_pictures(backbone, image, run.global_size, run.patch_size, args.num_query, args.output_dir):
         print(f"wrote {path}")
 
 

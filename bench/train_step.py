@@ -3,7 +3,7 @@
     python -m bench.train_step                        # ViT-S/16, batch 64, 2x224 + 10x96 crops, Q = 10, bf16 (GPU)
     python -m bench.train_step --device cpu --tiny    # smoke test of the harness
 
-Every variant runs ``train.training_step`` (the trainer's own iteration: teacher and student
+Every variant runs ``adclr.engine.training_step`` (the trainer's own iteration: teacher and student
 forward, ADCLR loss, backward, clipping, AdamW, EMA) on the same model and the same random crops.
 "DINO" is the same model and loss with no query tokens. Reports the median step time (CUDA events
 around each step, after warm-up), images/s, peak memory and each variant's ratio to DINO.
@@ -17,57 +17,41 @@ import time
 
 import torch
 
-import train
-from adclr.loss import ADCLRLoss
-from adclr.training import param_groups
+from adclr import engine
+from adclr.config import TrainConfig, make_config
 from bench.report import Report
 
 VARIANTS = ("dino", "triton", "sdpa", "reference")
+# Fixed scheduled values: the step's cost does not depend on them.
+SETTINGS = engine.StepSettings(lr=1e-4, weight_decay=0.04, teacher_temp=0.04, momentum=0.996, freeze_last_layer=False)
 
 
-def make_args(tiny: bool, num_query: int, backend: str, device: torch.device) -> argparse.Namespace:
-    flags = ["--attn_backend", backend, "--num_query", str(num_query)]
-    if tiny:  # the built-in preset, even smaller
-        flags += ["--batch_size_per_gpu", "4", "--local_crops_number", "2", "--out_dim", "64", "--precision", "fp32"]
-    else:  # the paper's ViT-S/16 recipe
-        flags += ["--data_path", "unused", "--local_crops_number", "10", "--batch_size_per_gpu", "64"]
-    return train.resolve_defaults(train.get_args_parser().parse_args(flags), device)
+def variant_config(tiny: bool, num_query: int, backend: str, device: torch.device) -> TrainConfig:
+    """The paper's ViT-S/16 recipe (batch 64, 2x224 + 10x96 crops), or with ``tiny`` the built-in preset
+    made even smaller, with attention ``backend`` and ``num_query`` query crops."""
+    common = dict(attn_backend=backend, num_query=num_query)
+    if tiny:
+        return make_config(
+            "builtin", **common, batch_size_per_gpu=4, local_crops_number=2, out_dim=64, precision="fp32"
+        )
+    return make_config("paper", **common, precision=engine.default_precision(device))
 
 
 def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> dict:
     num_query = 0 if variant == "dino" else (4 if tiny else 10)
-    args = make_args(tiny, num_query, "auto" if variant == "dino" else variant, device)
+    config = variant_config(tiny, num_query, "auto" if variant == "dino" else variant, device)
+    state = engine.build_train_state(config, device)
+    B, p = config.optim.batch_size_per_gpu, config.patch_size
+    data = config.data
     torch.manual_seed(0)
-    student = train.build_network(args, args.drop_path_rate).to(device)
-    teacher = train.build_network(args, 0.0).to(device).requires_grad_(False)
-    teacher.load_state_dict(student.state_dict())
-    loss_fn = ADCLRLoss(args.out_dim, 2 + args.local_crops_number, lambda_query=args.lambda_query).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    B, p = args.batch_size_per_gpu, args.patch_size
-    crops = [torch.randn(B, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
+    crops = [torch.randn(B, 3, data.global_size, data.global_size, device=device) for _ in range(2)]
     crops += [
-        torch.randn(B, 3, args.local_size, args.local_size, device=device) for _ in range(args.local_crops_number)
+        torch.randn(B, 3, data.local_size, data.local_size, device=device) for _ in range(data.local_crops_number)
     ]
     query_crops = torch.randn(B, num_query, 3, p, p, device=device) if num_query else None
 
     def step():
-        train.training_step(
-            student,
-            student,
-            teacher,
-            loss_fn,
-            optimizer,
-            scaler,
-            crops,
-            query_crops,
-            teacher_temp=0.04,
-            momentum=0.996,
-            clip_grad=args.clip_grad,
-            freeze_last_layer=False,
-            autocast_dtype=autocast_dtype,
-        )
+        engine.training_step(state, crops, query_crops, SETTINGS)
 
     warmup = 2 if tiny else 5
     for _ in range(warmup):
@@ -92,11 +76,11 @@ def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> 
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     return dict(
         variant=variant,
-        arch=f"{args.arch}/{p}",
+        arch=f"{config.arch}/{p}",
         batch=B,
-        crops=f"2x{args.global_size}+{args.local_crops_number}x{args.local_size}",
+        crops=f"2x{data.global_size}+{data.local_crops_number}x{data.local_size}",
         Q=num_query,
-        precision=args.precision,
+        precision=config.optim.precision,
         step_ms=ms,
         images_per_s=B / (ms * 1e-3),
         peak_mib=peak,

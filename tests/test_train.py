@@ -1,21 +1,22 @@
-"""train.py end to end on tiny configurations: a run, resume, DDP on two CPU processes, NaN, export."""
+"""train.py end to end, run as users run it: a run, resume, NaN stop, torchrun on two CPU processes,
+an unreadable checkpoint; then export and pictures from the run's checkpoint."""
 
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import timm
 import torch
-import torch.multiprocessing as mp
+from engine_utils import assert_same
 
-import train
+from adclr.checkpoint import load_backbone, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
 
 TINY = [
     "--builtin_train_size",
@@ -44,114 +45,146 @@ TINY = [
     "1",
 ]
 
+# train.py with the loss poisoned to NaN: the real entry point, its real error path.
+POISONED_LOSS = """
+import runpy, sys
+from adclr.loss import ADCLRLoss
+real_forward = ADCLRLoss.forward
+def poisoned(self, *args, **kwargs):
+    terms = real_forward(self, *args, **kwargs)
+    terms.total = terms.total * float("nan")
+    return terms
+ADCLRLoss.forward = poisoned
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 pytestmark = pytest.mark.slow
 
 
-def run(output_dir, *extra):
-    return train.main(train.get_args_parser().parse_args(TINY + ["--output_dir", str(output_dir), *extra]))
+def train(output_dir, *flags, launcher=(TRAIN,)):
+    """Run ``train.py`` (through ``launcher``) on the tiny configuration; returns the finished process."""
+    command = [sys.executable, *launcher, *TINY, "--output_dir", str(output_dir), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=output_dir.parent, env=env)
 
 
 def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_entry_point_trains_checkpoints_and_evaluates(tmp_path):
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--epochs", "1", "--output_dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+def log_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A finished two-epoch run (its process and output folder), shared by the tests that read it."""
+    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"
+    run_dir.mkdir()
+    result = train(run_dir, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
+    return result, run_dir
+
+
+def test_entry_point_trains_checkpoints_and_evaluates(two_epochs):
+    result, run_dir = two_epochs
+    assert "preset builtin (no --data_path): arch=vit_pico" in result.stdout
     assert "k-NN top-1 on the built-in shapes" in result.stdout
-    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert all(torch.isfinite(torch.tensor(record[k])) for k in ("loss", "cls", "query"))
-    assert 0 <= record["knn_top1_teacher"] <= 100 and 0 <= record["dense_miou_random_init"] <= 100
-    state = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert state["epoch"] == 1 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(state)
+    records = log_records(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r[k] for r in records])).all() for k in ("loss", "cls", "query"))
+    for key in ("knn_top1_teacher", "knn_top1_random_init", "dense_miou_teacher", "dense_miou_random_init"):
+        assert 0 <= records[-1][key] <= 100, key
+    raw = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert (raw["format"], raw["version"], raw["epoch"]) == ("adclr-checkpoint", 1, 2)
+    assert raw["history"] == records
+    assert raw["config"]["optim"]["epochs"] == 2 and raw["config"]["run"]["output_dir"] == str(run_dir)
+    assert load_checkpoint(str(run_dir / "checkpoint0001.pth")).epoch == 1
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    full = run(tmp_path / "full", "--epochs", "2")
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copy(tmp_path / "full" / "checkpoint0001.pth", resumed_dir / "checkpoint.pth")  # as if stopped after epoch 1
-    resumed = run(resumed_dir, "--epochs", "2")
-    for a, b in ((full.student, resumed.student), (full.teacher, resumed.teacher)):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            assert (x - y).abs().max() <= 1e-6, name
-    assert resumed.history[0] == full.history[0]  # epoch 1's record came back from the checkpoint
+def test_resume_reproduces_the_uninterrupted_run(two_epochs, tmp_path):
+    _, full = two_epochs
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint0001.pth", resumed / "checkpoint.pth")  # as if stopped after epoch 1
+    result = train(resumed, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {resumed / 'checkpoint.pth'} at epoch 1" in result.stdout
+    a, b = load_checkpoint(str(full / "checkpoint.pth")), load_checkpoint(str(resumed / "checkpoint.pth"))
+    for key in ("student", "teacher", "loss", "optimizer"):
+        assert_same(a.states[key], b.states[key], key)
+    assert b.history[0] == a.history[0]  # epoch 1's record came back from the checkpoint
+    last_full, last_resumed = log_records(full)[-1], log_records(resumed)[-1]
+    for key in ("loss", "cls", "query", "knn_top1_teacher", "knn_top1_random_init", "dense_miou_random_init"):
+        assert last_resumed[key] == last_full[key], key  # the baseline is rebuilt from the seed, identically
 
 
-def _ddp_worker(rank, world_size, port, output_dir, result_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(two_epochs, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(two_epochs[1] / "checkpoint.pth", run_dir / "checkpoint.pth")
+    before = digest(run_dir / "checkpoint.pth")
+    result = train(run_dir, "--epochs", "3", launcher=("-c", POISONED_LOSS, TRAIN))
+    assert result.returncode != 0
+    checkpoint = run_dir / "checkpoint.pth"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Loss is nan at epoch 3, iteration 0; stopping training (the last good checkpoint is {checkpoint})."
     )
-    torch.set_num_threads(1)
-    result = run(output_dir, "--epochs", "1", "--builtin_train_size", "32")
-    torch.save(result.student.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+    assert digest(checkpoint) == before
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pth"]
 
 
-def test_ddp_two_cpu_processes_keep_identical_students(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
-    assert (tmp_path / "run" / "checkpoint.pth").exists()
+def test_torchrun_on_two_cpu_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN)
+    result = train(run_dir, "--epochs", "1", "--builtin_train_size", "32", launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("preset builtin") == 1  # only the main process logs
+    assert load_checkpoint(str(run_dir / "checkpoint.pth")).epoch == 1
+    assert len(log_records(run_dir)) == 1
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    run(tmp_path, "--epochs", "1")
-    before = digest(tmp_path / "checkpoint.pth")
-
-    from adclr.loss import ADCLRLoss
-
-    real_forward = ADCLRLoss.forward
-
-    def poisoned(self, *args, **kwargs):
-        terms = real_forward(self, *args, **kwargs)
-        terms.total = terms.total * float("nan")
-        return terms
-
-    monkeypatch.setattr(ADCLRLoss, "forward", poisoned)
-    with pytest.raises(SystemExit, match="Loss is nan at epoch 2, iteration 0.*last good checkpoint"):
-        run(tmp_path, "--epochs", "2")
-    assert digest(tmp_path / "checkpoint.pth") == before
+def test_an_unreadable_checkpoint_stops_the_run_with_its_name(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pth").write_bytes(b"half a checkpoint")
+    result = train(run_dir, "--epochs", "1")
+    assert result.returncode != 0
+    assert f"cannot resume: {run_dir / 'checkpoint.pth'} cannot be read as a checkpoint" in result.stderr
 
 
-def test_export_loads_into_timm_strictly_with_the_same_features(tmp_path):
-    from adclr.export import export, load_exported
-
-    result = run(tmp_path, "--epochs", "1")
-    kwargs = export(str(tmp_path / "checkpoint.pth"), str(tmp_path / "backbone.safetensors"))
-    model = load_exported(str(tmp_path / "backbone.safetensors"))
-    direct = timm.create_model(pretrained=False, **kwargs)
+def test_export_loads_into_timm_strictly_with_the_same_features(two_epochs, tmp_path):
     from safetensors.torch import load_file
 
-    direct.load_state_dict(load_file(tmp_path / "backbone.safetensors"), strict=True)
+    from adclr.export import export, load_exported
+
+    checkpoint = str(two_epochs[1] / "checkpoint.pth")
+    output = str(tmp_path / "backbone.safetensors")
+    kwargs = export(checkpoint, output)
+    exported = load_file(output)
+    teacher = load_checkpoint(checkpoint).states["teacher"]
+    assert_same(exported, {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")})
+    model = load_exported(output)
+    direct = timm.create_model(pretrained=False, **kwargs)
+    direct.load_state_dict(exported, strict=True)
     images = torch.randn(3, 3, 32, 32)
-    teacher = result.teacher.backbone.eval()
+    ours, _ = load_backbone(checkpoint)
     with torch.no_grad():
-        ours = teacher(images)
+        features = ours(images)
         theirs = model.forward_features(images)
-    assert (ours.cls - theirs[:, 0]).abs().max() <= 1e-5
-    assert (ours.patches - theirs[:, 1:]).abs().max() <= 1e-5
+    assert (features.cls - theirs[:, 0]).abs().max() <= 1e-5
+    assert (features.patches - theirs[:, 1:]).abs().max() <= 1e-5
 
 
-def test_visualize_writes_attention_pictures(tmp_path):
+def test_visualize_writes_attention_pictures(two_epochs, tmp_path):
     from PIL import Image
 
     from adclr.visualize import main as visualize
 
-    run(tmp_path, "--epochs", "1")
-    visualize(
-        ["--checkpoint", str(tmp_path / "checkpoint.pth"), "--output_dir", str(tmp_path / "pics"), "--num_query", "3"]
-    )
+    checkpoint = str(two_epochs[1] / "checkpoint.pth")
+    visualize(["--checkpoint", checkpoint, "--output_dir", str(tmp_path / "pics"), "--num_query", "3"])
     cls_png = Image.open(tmp_path / "pics" / "cls_attention.png")
     query_png = Image.open(tmp_path / "pics" / "query_attention.png")
     heads = 3  # vit_pico

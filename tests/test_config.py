@@ -1,0 +1,115 @@
+"""The typed config: presets, overrides, the plain-dict round trip, and the preset tables users read."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from adclr.config import FIELD_GROUP, GROUPS, PRESETS, TrainConfig, make_config, preset_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_preset_sets_exactly_the_fields_without_a_default():
+    fields = [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    for name, values in PRESETS.items():
+        assert set(values) == required, name
+    assert len(FIELD_GROUP) == len(fields), "two groups share a field name"
+
+
+def test_preset_follows_data_path_unless_chosen():
+    assert make_config().preset == "builtin"
+    assert make_config().model.arch == PRESETS["builtin"]["arch"]
+    paper = make_config(data_path="/data/imagenet")
+    assert paper.preset == "paper" and paper.flat() == {**paper.flat(), **PRESETS["paper"]}
+    chosen = make_config("builtin", data_path="/data/imagenet")
+    assert chosen.preset == "builtin" and chosen.data.data_path == "/data/imagenet"
+    assert chosen.flat() == {**chosen.flat(), **PRESETS["builtin"]}
+    assert make_config("paper").optim.epochs == PRESETS["paper"]["epochs"]
+
+
+def test_user_values_beat_the_preset_and_defaults():
+    config = make_config(data_path="/data", arch="vit_tiny", lr=0.1, weight_decay=0.2, query_scale=[0.1, 0.2])
+    assert config.preset == "paper"
+    assert (config.model.arch, config.optim.lr, config.optim.weight_decay) == ("vit_tiny", 0.1, 0.2)
+    assert config.data.query_scale == (0.1, 0.2)  # lists (argparse nargs) become the fields' tuples
+    assert config.model.patch_size == PRESETS["paper"]["patch_size"]  # the rest still from the preset
+
+
+def test_bad_names_are_refused():
+    with pytest.raises(TypeError, match="unknown config field.*'learning_rate'"):
+        make_config(learning_rate=0.1)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        make_config("large")
+
+
+def test_plain_dict_round_trip_and_top_level_fields():
+    config = make_config("builtin", epochs=3, seed=7, num_query=2, query_keys="raw", bidirectional=True)
+    data = config.to_dict()
+    json.dumps(data)  # plain containers only
+    assert TrainConfig.from_dict(data) == config
+    assert TrainConfig.from_dict(json.loads(json.dumps(data))) == config  # lists back to tuples
+    expected = dict(arch="vit_pico", patch_size=8, global_size=32, seed=7, num_query=2, query_keys="raw")
+    assert {name: getattr(config, name) for name in expected} == expected and config.bidirectional is True
+
+
+def test_from_dict_refuses_what_it_cannot_represent():
+    data = make_config().to_dict()
+    with pytest.raises(ValueError, match="unknown field.*'colour'.*'model'"):
+        TrainConfig.from_dict({**data, "model": {**data["model"], "colour": 1}})
+    with pytest.raises(ValueError, match="'optim' lacks \\['lr'\\]"):
+        TrainConfig.from_dict({**data, "optim": {k: v for k, v in data["optim"].items() if k != "lr"}})
+    with pytest.raises(ValueError, match="unknown config section"):
+        TrainConfig.from_dict({**data, "extras": {}})
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TrainConfig.from_dict({**data, "preset": "huge"})
+    defaults_added_later = {**data, "run": {}}  # a field added with a default later still reads old dicts
+    assert TrainConfig.from_dict(defaults_added_later).run.output_dir == "runs/adclr"
+
+
+def test_help_and_readme_list_every_preset_value():
+    table = preset_table()
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
+    assert rows == {f"--{f}": [str(PRESETS[p][f]) for p in PRESETS] for f in PRESETS["paper"]}
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme_rows = dict(re.findall(r"^\| `--(\w+)` \| (.+) \|$", readme, flags=re.M))
+    for field in PRESETS["paper"]:
+        cells = [cell.strip(" `") for cell in readme_rows[field].split("|")]
+        assert cells == [str(PRESETS[p][field]) for p in PRESETS], field
+
+
+@pytest.mark.slow
+def test_command_line_picks_the_preset_and_lets_flags_win(tmp_path):
+    """train.py with --data_path and no --preset uses the paper's preset, --preset builtin is honoured,
+    a flag beats its preset value; the run stops early because 2 images make less than one batch."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (i * 100, 0, 0)).save(images / f"{i}.png")
+
+    def train(*flags):
+        command = [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir", str(tmp_path / "out"), *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    paper = train("--data_path", str(images), "--lr", "0.01")
+    assert paper.returncode != 0
+    assert "preset paper (--data_path given): arch=vit_small" in paper.stdout
+    assert "overridden by flags: lr=0.01" in paper.stdout
+    assert "fewer than one batch of 64 per process" in paper.stderr
+    config = json.loads(paper.stdout.split("config: ", 1)[1].splitlines()[0])
+    assert config["optim"]["lr"] == 0.01 and config["model"]["out_dim"] == 65536
+
+    builtin = train("--preset", "builtin", "--data_path", str(images), "--batch_size_per_gpu", "3")
+    assert "preset builtin (--preset): arch=vit_pico" in builtin.stdout
+    assert "fewer than one batch of 3 per process" in builtin.stderr
+
+    usage = train("--help")
+    assert usage.returncode == 0
+    assert preset_table() in usage.stdout
