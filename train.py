@@ -26,6 +26,7 @@ from tqdm import tqdm
 from adclr.augment import MultiCropAugmentation, MultiCropConfig
 from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
 from adclr.evaluate import dense_knn_miou, eval_transform, knn_accuracy
+from adclr.fused_loss import FusedADCLRLoss
 from adclr.heads import DINOHead
 from adclr.kernels import BACKENDS, QUERY_KEY_RULES
 from adclr.loss import ADCLRLoss, LossTerms
@@ -119,6 +120,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_teacher_temp", type=float, default=0.04)
     p.add_argument("--teacher_temp", type=float, help=f"teacher temperature after warm-up {preset}")
     p.add_argument("--warmup_teacher_temp_epochs", type=int, help=f"teacher temperature warm-up {preset}")
+    p.add_argument(
+        "--fused_loss",
+        type=_bool,
+        default=True,
+        help="head's last layer fused with the loss, chunked (no [tokens, K] logits); false: the unfused reference",
+    )
     # Optimisation
     p.add_argument(
         "--precision",
@@ -237,7 +244,8 @@ def main(args: argparse.Namespace) -> RunResult:
         else student
     )
 
-    loss_fn = ADCLRLoss(args.out_dim, num_crops=2 + args.local_crops_number, lambda_query=args.lambda_query).to(device)
+    loss_class = FusedADCLRLoss if args.fused_loss else ADCLRLoss
+    loss_fn = loss_class(args.out_dim, num_crops=2 + args.local_crops_number, lambda_query=args.lambda_query).to(device)
     optimizer = torch.optim.AdamW(param_groups(student))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
@@ -411,10 +419,15 @@ def training_step(
     """
     device_type = crops[0].device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        with torch.no_grad():
-            teacher_cls, teacher_query = teacher(crops[:2], query_crops)
-        student_cls, student_query = student_ddp(crops, query_crops)
-        terms = loss_fn(student_cls, teacher_cls, student_query, teacher_query, teacher_temp)
+        if isinstance(loss_fn, FusedADCLRLoss):  # the heads stop at the bottleneck; the loss applies W
+            with torch.no_grad():
+                teacher_features = teacher(crops[:2], query_crops, head_features=True)
+            terms = loss_fn(student_ddp(crops, query_crops, head_features=True), teacher_features, teacher_temp)
+        else:
+            with torch.no_grad():
+                teacher_cls, teacher_query = teacher(crops[:2], query_crops)
+            student_cls, student_query = student_ddp(crops, query_crops)
+            terms = loss_fn(student_cls, teacher_cls, student_query, teacher_query, teacher_temp)
     if not math.isfinite(terms.total.item()):
         return terms
     optimizer.zero_grad(set_to_none=True)

@@ -109,16 +109,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     run(tmp_path, "--epochs", "1")
     before = digest(tmp_path / "checkpoint.pth")
 
+    from adclr.fused_loss import FusedADCLRLoss
     from adclr.loss import ADCLRLoss
 
-    real_forward = ADCLRLoss.forward
+    for loss_class in (ADCLRLoss, FusedADCLRLoss):  # whichever --fused_loss picks
 
-    def poisoned(self, *args, **kwargs):
-        terms = real_forward(self, *args, **kwargs)
-        terms.total = terms.total * float("nan")
-        return terms
+        def poisoned(self, *args, real_forward=loss_class.forward, **kwargs):
+            terms = real_forward(self, *args, **kwargs)
+            terms.total = terms.total * float("nan")
+            return terms
 
-    monkeypatch.setattr(ADCLRLoss, "forward", poisoned)
+        monkeypatch.setattr(loss_class, "forward", poisoned)
     with pytest.raises(SystemExit, match="Loss is nan at epoch 2, iteration 0.*last good checkpoint"):
         run(tmp_path, "--epochs", "2")
     assert digest(tmp_path / "checkpoint.pth") == before
