@@ -5,8 +5,10 @@
 
 Every variant runs ``train.training_step`` (the trainer's own iteration: teacher and student
 forward, ADCLR loss, backward, clipping, AdamW, EMA) on the same model and the same random crops.
-"DINO" is the same model and loss with no query tokens. Reports the median step time (CUDA events
-around each step, after warm-up), images/s, peak memory and each variant's ratio to DINO.
+"DINO" is the same model and loss with no query tokens. ``*_fused`` variants apply the heads' last
+layer inside the chunked fused loss (``--fused_loss true``); the others use the unfused reference
+loss. Reports the median step time (CUDA events around each step, after warm-up), images/s, peak
+memory and each variant's ratio to the unfused DINO step.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import time
 import torch
 
 import train
+from adclr.fused_loss import FusedADCLRLoss
 from adclr.loss import ADCLRLoss
 from adclr.training import param_groups
 from bench.report import Report
 
-VARIANTS = ("dino", "triton", "sdpa", "reference")
+VARIANTS = ("dino", "dino_fused", "triton", "triton_fused", "sdpa", "reference")
 
 
 def make_args(tiny: bool, num_query: int, backend: str, device: torch.device) -> argparse.Namespace:
@@ -35,13 +38,15 @@ def make_args(tiny: bool, num_query: int, backend: str, device: torch.device) ->
 
 
 def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> dict:
-    num_query = 0 if variant == "dino" else (4 if tiny else 10)
-    args = make_args(tiny, num_query, "auto" if variant == "dino" else variant, device)
+    backend, _, fused = variant.partition("_")
+    num_query = 0 if backend == "dino" else (4 if tiny else 10)
+    args = make_args(tiny, num_query, "auto" if backend == "dino" else backend, device)
     torch.manual_seed(0)
     student = train.build_network(args, args.drop_path_rate).to(device)
     teacher = train.build_network(args, 0.0).to(device).requires_grad_(False)
     teacher.load_state_dict(student.state_dict())
-    loss_fn = ADCLRLoss(args.out_dim, 2 + args.local_crops_number, lambda_query=args.lambda_query).to(device)
+    loss_class = FusedADCLRLoss if fused else ADCLRLoss
+    loss_fn = loss_class(args.out_dim, 2 + args.local_crops_number, lambda_query=args.lambda_query).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
@@ -96,6 +101,7 @@ def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> 
         batch=B,
         crops=f"2x{args.global_size}+{args.local_crops_number}x{args.local_size}",
         Q=num_query,
+        fused_loss=bool(fused),
         precision=args.precision,
         step_ms=ms,
         images_per_s=B / (ms * 1e-3),
