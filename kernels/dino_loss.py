@@ -98,14 +98,13 @@ def dino_soft_cross_entropy_(
     target_index: torch.Tensor,
     temp: float,
     *,
-    grad_scale: float = 1.0,
     loss_out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-row soft cross-entropy of student ``logits [R, K]`` against ``targets[target_index] [R, K]``.
 
     Returns the losses ``-sum_k q_k log_softmax(logits / temp)_k`` (fp32 ``[R]``) and overwrites
-    ``logits`` with ``grad_scale * (sum(q) softmax(logits / temp) - q)``, the gradient of each row's
+    ``logits`` with ``sum(q) softmax(logits / temp) - q``, the gradient of each row's
     loss w.r.t. ``logits / temp`` (divide by ``temp`` for the logits' own). ``targets`` is fp32 and
     ``target_index`` (int32/int64, one per row) must lie in ``[0, len(targets))``: it is not checked
     on the device, to keep the hot path free of host synchronisation.
@@ -123,7 +122,6 @@ def dino_soft_cross_entropy_(
     ):
         raise ValueError(f"target_index must be an int32/int64 tensor of shape ({R},) on {logits.device}")
     temp = _check_temp("temp", float(temp))
-    grad_scale = _check_temp("grad_scale", float(grad_scale))
     if loss_out is None:
         loss_out = torch.empty(R, dtype=torch.float32, device=logits.device)
     _check_out("loss_out", loss_out, (R,), logits)
@@ -132,14 +130,12 @@ def dino_soft_cross_entropy_(
     if resolve_loss_backend(backend, logits) == "triton":
         from .triton_dino_loss import triton_soft_cross_entropy_
 
-        return triton_soft_cross_entropy_(logits, targets, target_index.contiguous(), temp, grad_scale, loss_out)
+        return triton_soft_cross_entropy_(logits, targets, target_index.contiguous(), temp, loss_out)
     s = logits.float().div(temp)
     s.sub_(s.amax(dim=1, keepdim=True))  # shifted first: exp(s - max) / sum keeps the bits that s - lse loses
     log_sum = torch.logsumexp(s, dim=1, keepdim=True)
     q = targets.index_select(0, target_index)
     torch.sum(q * (log_sum - s), dim=1, out=loss_out)
     s.exp_().div_(log_sum.exp()).mul_(q.sum(dim=1, keepdim=True)).sub_(q)
-    if grad_scale != 1.0:
-        s.mul_(grad_scale)
     logits.copy_(s)
     return loss_out

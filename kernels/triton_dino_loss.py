@@ -46,13 +46,14 @@ def _teacher_probs_kernel(Z, CENTER, P, stride_z, stride_p, K, temp, BLOCK_K: tl
         ok = cols < K
         z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
         c = tl.load(CENTER + cols, mask=ok, other=0.0)
-        tl.store(p_row + cols, tl.exp((z - c) / temp - m) / l, mask=ok)
+        shifted = tl.where(ok, (z - c) / temp - m, 0.0)  # masked lanes stay finite
+        tl.store(p_row + cols, tl.exp(shifted) / l, mask=ok)
 
 
 @triton.jit
-def _soft_cross_entropy_kernel(Z, TARGETS, INDEX, LOSS, stride_z, stride_t, K, temp, grad_scale, BLOCK_K: tl.constexpr):
+def _soft_cross_entropy_kernel(Z, TARGETS, INDEX, LOSS, stride_z, stride_t, K, temp, BLOCK_K: tl.constexpr):
     """Row r with target q = TARGETS[INDEX[r]] and s = Z[r] / temp: ``LOSS[r] = -sum q log_softmax(s)``
-    and, in place of ``Z[r]``, ``grad_scale * (sum(q) softmax(s) - q)`` (the gradient w.r.t. s)."""
+    and, in place of ``Z[r]``, ``sum(q) softmax(s) - q`` (the gradient w.r.t. s)."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     t_row = TARGETS + tl.load(INDEX + row).to(tl.int64) * stride_t
@@ -60,27 +61,29 @@ def _soft_cross_entropy_kernel(Z, TARGETS, INDEX, LOSS, stride_z, stride_t, K, t
     m = float("-inf")
     l = 0.0
     mass = 0.0  # sum of q: 1 for one teacher view, 2 for the sum of both
-    qs = 0.0  # sum of q * s
     for start in range(0, K, BLOCK_K):
         cols = start + offs
         ok = cols < K
         s = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32) / temp
-        q = tl.load(t_row + cols, mask=ok, other=0.0)
         x = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
-        mass += tl.sum(q, 0)
-        qs += tl.sum(q * s, 0)
-    tl.store(LOSS + row, mass * (m + tl.log(l)) - qs)
-    mass_over_l = mass / l  # exp(s - m) / l, not exp(s - lse): s - lse loses the bits of a large lse
+        mass += tl.sum(tl.load(t_row + cols, mask=ok, other=0.0), 0)
+    # With the max known, every term is formed from s - m: with |s| ~ 100 (sharp temperatures), the
+    # unshifted forms (m + log l) * mass - sum(q s) and exp(s - lse) would lose several bits.
+    log_l = tl.log(l)
+    mass_over_l = mass / l
+    loss = 0.0
     for start in range(0, K, BLOCK_K):
         cols = start + offs
         ok = cols < K
-        s = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32) / temp
+        shifted = tl.where(ok, tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32) / temp - m, 0.0)
         q = tl.load(t_row + cols, mask=ok, other=0.0)
-        grad = grad_scale * (tl.exp(s - m) * mass_over_l - q)
+        loss += tl.sum(q * (log_l - shifted), 0)
+        grad = tl.exp(shifted) * mass_over_l - q
         tl.store(z_row + cols, grad.to(Z.dtype.element_ty), mask=ok)
+    tl.store(LOSS + row, loss)
 
 
 def triton_teacher_probs(logits: torch.Tensor, center: torch.Tensor, temp: float, out: torch.Tensor) -> torch.Tensor:
@@ -98,7 +101,6 @@ def triton_soft_cross_entropy_(
     targets: torch.Tensor,
     index: torch.Tensor,
     temp: float,
-    grad_scale: float,
     loss_out: torch.Tensor,
 ) -> torch.Tensor:
     """Launcher: per-row losses into ``loss_out [R]`` (fp32) and the gradient into ``logits`` itself."""
@@ -113,7 +115,6 @@ def triton_soft_cross_entropy_(
         targets.stride(0),
         K,
         float(temp),
-        float(grad_scale),
         BLOCK_K=block,
         num_warps=warps,
     )
