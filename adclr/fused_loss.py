@@ -19,8 +19,6 @@ log-sum-exp online over blocks of K instead.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
@@ -32,9 +30,6 @@ from .loss import LossTerms, ema_center_
 # Default rows of student logits per chunk, as elements of one [rows, K] buffer: 2^24 is 256 rows at
 # K = 65536 (64 MiB in fp32, 32 MiB in bf16). Larger chunks run larger matmuls; unmeasured on GPUs.
 DEFAULT_CHUNK_ELEMENTS = 2**24
-# fp16 keeps the stored gradients (at most 2 per element before scaling) in its normal range: they are
-# scaled by a power of two that leaves headroom for a chunk's accumulation, and unscaled in fp32.
-_FP16_HEADROOM = 2.0**14
 
 
 def default_chunk_rows(out_dim: int) -> int:
@@ -74,11 +69,10 @@ class _DINOCrossEntropy(torch.autograd.Function):
             w_teacher = teacher_weight.detach().to(dtype)
             center = center.detach().float().reshape(K)
             items = max(1, chunk_rows // V)  # items (images, or image x query) per chunk
-            grad_scale = 1.0
-            if dtype == torch.float16:
-                grad_scale = 2.0 ** math.floor(math.log2(max(1.0, _FP16_HEADROOM / (V * items))))
             pair_weight = 1.0 / (2 * (V - 1) * M)  # mean over (teacher view i, student view v != i) and items
-            grad_factor = pair_weight / (student_temp * grad_scale)
+            # The gradient rows stay unweighted (entries in [-2, 2]: no fp16 underflow, unlike the unfused
+            # loss's ~1/(pairs x items x K) entries); weight and temperature are applied in fp32 after the matmuls.
+            grad_factor = pair_weight / student_temp
             target_blocks = 3 if V > 2 else 2
 
             loss = torch.zeros((), dtype=torch.float32, device=device)
@@ -94,13 +88,12 @@ class _DINOCrossEntropy(torch.autograd.Function):
                 if target_blocks == 3:
                     torch.add(targets[:n], targets[n : 2 * n], out=targets[2 * n :])
                 features = student[:, start:stop].reshape(V * n, D).to(dtype)
-                logits = features @ w.T  # becomes grad_scale x the gradient w.r.t. logits / T
+                logits = features @ w.T  # becomes the gradient w.r.t. logits / T
                 rows = dino_soft_cross_entropy_(
                     logits,
                     targets,
                     _target_index(V, n, device),
                     student_temp,
-                    grad_scale=grad_scale,
                     backend=backend,
                 )
                 del targets
