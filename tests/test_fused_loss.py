@@ -45,9 +45,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_TOL = {torch.float64: 1e-7, torch.float32: 1.2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def strided_logits(R, K, dtype, scale=3.0):
-    """``[R, K]`` logits whose rows are ``K + 5`` apart (writes past K would show in the padding)."""
-    base = torch.randn(R, K + 5, device=DEVICE).mul(scale).to(dtype)
+def strided_logits(R, K, dtype):
+    """``[R, K]`` logits whose rows are ``K + 5`` apart (writes past K would show in the padding), all
+    well below zero, so that a padding column read as 0 instead of masked would dominate a row."""
+    base = (torch.randn(R, K + 5, device=DEVICE) * 3 - 12).to(dtype)
     return base, base[:, :K]
 
 
@@ -75,7 +76,6 @@ def test_soft_cross_entropy_rows_match_float64(backend, dtype, K, max_block, mon
     probs = torch.softmax(torch.randn(3, K, device=DEVICE) * 3, dim=-1)
     targets = torch.cat([probs, probs[:1] + probs[1:2]])  # the last target sums two views (mass 2)
     index = torch.tensor([3, 0, 1, 2, 3, 3, 0, 2, 1], device=DEVICE)
-    grad_scale = 64.0 if dtype == torch.float16 else 1.0
 
     def loss_and_grad(dtype):
         s = (logits.to(dtype) / STUDENT_TEMP).requires_grad_()
@@ -86,12 +86,11 @@ def test_soft_cross_entropy_rows_match_float64(backend, dtype, K, max_block, mon
     pytorch_loss, pytorch_grad = loss_and_grad(torch.float32)  # the unfused loss's own rounding
     loss = torch.full((R,), float("nan"), device=DEVICE)
     padding = base[:, K:].clone()
-    dino_soft_cross_entropy_(
-        logits, targets, index, STUDENT_TEMP, grad_scale=grad_scale, loss_out=loss, backend=backend
-    )
-    assert max_error(loss, truth_loss) <= 2 * max_error(pytorch_loss, truth_loss) + 1e-6
+    dino_soft_cross_entropy_(logits, targets, index, STUDENT_TEMP, loss_out=loss, backend=backend)
+    ulp = 1.2e-7 * truth_loss.abs().max().item()  # one fp32 unit in the last place at the largest loss
+    assert max_error(loss, truth_loss) <= 2 * max_error(pytorch_loss, truth_loss) + ulp
     stored = GRAD_TOL[dtype] * truth_grad.abs().max().item()  # the gradient is written in the logits' dtype
-    assert max_error(logits.double() / grad_scale, truth_grad) <= 2 * max_error(pytorch_grad, truth_grad) + stored
+    assert max_error(logits, truth_grad) <= 2 * max_error(pytorch_grad, truth_grad) + stored
     assert torch.equal(base[:, K:], padding)
 
 
@@ -113,8 +112,8 @@ def test_row_operations_reject_bad_input(monkeypatch):
         dino_soft_cross_entropy_(logits, targets.double(), index, 0.1)
     with pytest.raises(ValueError, match="target_index"):
         dino_soft_cross_entropy_(logits, targets, index.float(), 0.1)
-    with pytest.raises(ValueError, match="grad_scale"):
-        dino_soft_cross_entropy_(logits, targets, index, 0.1, grad_scale=-1.0)
+    with pytest.raises(ValueError, match="temp"):
+        dino_soft_cross_entropy_(logits, targets, index, -1.0)
     with pytest.raises(TypeError, match="float64"):
         dino_soft_cross_entropy_(logits.double(), targets, index, 0.1, backend="triton")
     if not torch.cuda.is_available():
@@ -170,7 +169,7 @@ def test_op_matches_float64(backend, V, M, chunk_rows):
 
 
 def test_op_under_fp16_autocast_is_as_accurate_as_the_gradscaled_reference():
-    """fp16 logits and gradients: no underflow of the ~1/K gradient entries, as with a GradScaler."""
+    """fp16 logits and gradient matmuls, no scaler: as accurate as the unfused loss with a GradScaler."""
     student, teacher, weight, teacher_weight, center = random_features(4, 6, 16, 4096)
     truth = torch.autograd.grad(float64_dino_cross_entropy(student, teacher, weight, teacher_weight, center), weight)[0]
     with torch.autocast("cpu", dtype=torch.float16):
@@ -382,6 +381,10 @@ def float64_step(student, teacher, crops, query_crops, num_crops, centers):
 
 
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3}
+# fp32 only: whatever the unfused loss does, the fused one stays this close to float64 (relative to each
+# quantity's size), so a bug both share (say in the centre update) still fails. bf16 gradients deep in
+# the ViT are several percent off float64 for both losses: there only the 2x rule applies.
+ABSOLUTE = {torch.float32: 1e-4, torch.bfloat16: float("inf")}
 
 
 def compare_with_unfused(num_crops, Q, separate, norm_last_layer, dtype, **options):
@@ -403,7 +406,8 @@ def compare_with_unfused(num_crops, Q, separate, norm_last_layer, dtype, **optio
     named = zip(["cls", "query", "total", "center", "query_center"], ours, ref, truth)
     named = [*named, *((n, our_grads[n], ref_grads[n], truth_grads[n]) for n in truth_grads)]
     for name, a, b, t in named:
-        bound = 2 * max_error(b, t) + FLOOR[dtype] * max(t.abs().max().item(), 1e-3)
+        size = max(t.abs().max().item(), 1e-3)
+        bound = min(2 * max_error(b, t) + FLOOR[dtype] * size, ABSOLUTE[dtype] * size)
         assert max_error(a, t) <= bound, f"{name}: {max_error(a, t):.3e} > {bound:.3e} (unfused {max_error(b, t):.3e})"
 
 
