@@ -2,6 +2,7 @@
 
     python -m bench.train_step                        # ViT-S/16, batch 64, 2x224 + 10x96 crops, Q = 10, bf16 (GPU)
     python -m bench.train_step --device cpu --tiny    # smoke test of the harness
+    python -m bench.train_step --variants dino triton_fused --loss_backend torch   # the fused loss's PyTorch rows
 
 Every variant runs ``train.training_step`` (the trainer's own iteration: teacher and student
 forward, ADCLR loss, backward, clipping, AdamW, EMA) on the same model and the same random crops.
@@ -21,6 +22,7 @@ import torch
 
 import train
 from adclr.fused_loss import FusedADCLRLoss
+from adclr.kernels.dino_loss import AUTO_BACKEND, LOSS_BACKENDS
 from adclr.loss import ADCLRLoss
 from adclr.training import param_groups
 from bench.report import Report
@@ -37,7 +39,7 @@ def make_args(tiny: bool, num_query: int, backend: str, device: torch.device) ->
     return train.resolve_defaults(train.get_args_parser().parse_args(flags), device)
 
 
-def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> dict:
+def time_variant(variant: str, tiny: bool, steps: int, device: torch.device, loss_backend: str = "auto") -> dict:
     backend, _, fused = variant.partition("_")
     num_query = 0 if backend == "dino" else (4 if tiny else 10)
     args = make_args(tiny, num_query, "auto" if backend == "dino" else backend, device)
@@ -45,8 +47,12 @@ def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> 
     student = train.build_network(args, args.drop_path_rate).to(device)
     teacher = train.build_network(args, 0.0).to(device).requires_grad_(False)
     teacher.load_state_dict(student.state_dict())
-    loss_class = FusedADCLRLoss if fused else ADCLRLoss
-    loss_fn = loss_class(args.out_dim, 2 + args.local_crops_number, lambda_query=args.lambda_query).to(device)
+    loss_fn = ADCLRLoss(args.out_dim, 2 + args.local_crops_number, lambda_query=args.lambda_query)
+    if fused:
+        loss_fn = FusedADCLRLoss(
+            args.out_dim, 2 + args.local_crops_number, lambda_query=args.lambda_query, backend=loss_backend
+        )
+    loss_fn = loss_fn.to(device)
     optimizer = torch.optim.AdamW(param_groups(student), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
@@ -115,11 +121,15 @@ def main(argv=None) -> str:
     parser.add_argument("--tiny", action="store_true", help="tiny model and batch (CPU smoke test)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--loss_backend", choices=LOSS_BACKENDS, default="auto", help="row operations of the *_fused variants"
+    )
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report = Report("train_step", args.output_dir, device)
-    rows = [time_variant(v, args.tiny, args.steps, device) for v in args.variants]
+    rows = [time_variant(v, args.tiny, args.steps, device, args.loss_backend) for v in args.variants]
+    report.note(f"fused loss row operations: backend={args.loss_backend!r} (auto: {AUTO_BACKEND})")
     dino = next((r for r in rows if r["variant"] == "dino"), None)
     for row in rows:
         row["time_vs_dino"] = row["step_ms"] / dino["step_ms"] if dino else float("nan")
