@@ -17,11 +17,20 @@ import torch
 from .attention import interpreter_enabled
 
 LOSS_BACKENDS = ("auto", "triton", "torch")
-# ``auto``'s choice per device type. The Triton rows read the logits twice and write the gradient
-# once; the PyTorch rows make about ten passes over chunk-sized fp32 temporaries. Which is faster
-# on a GPU has not been measured yet: bench/train_step.py's ``*_fused`` rows are the place to decide.
+# ``auto``'s choice per device type. The Triton rows read the logits and targets twice and write the
+# gradient once; the PyTorch rows make about ten passes over chunk-sized fp32 temporaries. Which is
+# faster on a GPU has not been measured yet: ``python -m bench.train_step --loss_backend {triton,torch}``
+# is the place to decide.
 AUTO_BACKEND = {"cuda": "triton"}
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _bf16_before_sm80(logits: torch.Tensor) -> bool:
+    return (
+        logits.device.type == "cuda"
+        and logits.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(logits.device) < (8, 0)
+    )
 
 
 def resolve_loss_backend(backend: str, logits: torch.Tensor) -> str:
@@ -30,8 +39,11 @@ def resolve_loss_backend(backend: str, logits: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {LOSS_BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = AUTO_BACKEND.get(logits.device.type, "torch")
-        return backend if backend == "torch" or logits.dtype in TRITON_DTYPES else "torch"
+        triton_ok = logits.dtype in TRITON_DTYPES and not _bf16_before_sm80(logits)
+        return backend if backend == "torch" or triton_ok else "torch"
     if backend == "triton":
+        if _bf16_before_sm80(logits):
+            raise TypeError("backend='triton' needs sm80+ for bfloat16; use float16/float32 or backend='torch'")
         if logits.device.type != "cuda" and not interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device "
