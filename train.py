@@ -74,6 +74,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     flag("warmup_teacher_temp", "teacher temperature at the start of its warm-up", type=float)
     flag("teacher_temp", "teacher temperature after warm-up", type=float)
     flag("warmup_teacher_temp_epochs", "teacher temperature warm-up", type=int)
+    flag(
+        "fused_loss",
+        "apply the heads' last layer inside the chunked loss, never materialising [tokens, K] logits; "
+        "false: the unfused reference loss",
+        type=_bool,
+    )
     # Optimisation
     flag(
         "precision",

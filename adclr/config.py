@@ -115,6 +115,7 @@ class LossConfig:
     warmup_teacher_temp_epochs: int
     warmup_teacher_temp: float = 0.04
     lambda_query: float = 0.5
+    fused_loss: bool = True  # the heads' last layer applied inside the chunked loss (adclr.fused_loss)
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig
+from .fused_loss import FusedADCLRLoss
 from .heads import DINOHead
 from .loss import ADCLRLoss
 from .model import ADCLRVisionTransformer, MultiCropWrapper, build_vit
@@ -120,7 +121,7 @@ class TrainState:
 
     student: MultiCropWrapper
     teacher: MultiCropWrapper
-    loss: ADCLRLoss
+    loss: ADCLRLoss | FusedADCLRLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     student_ddp: torch.nn.Module
@@ -198,7 +199,8 @@ def build_train_state(config: TrainConfig, device: torch.device, distributed: bo
         if distributed
         else student
     )
-    loss = ADCLRLoss(
+    loss_class = FusedADCLRLoss if config.loss.fused_loss else ADCLRLoss
+    loss = loss_class(
         config.model.out_dim, num_crops=2 + config.data.local_crops_number, lambda_query=config.loss.lambda_query
     ).to(device)
     precision = config.optim.precision or default_precision(device)
@@ -234,10 +236,16 @@ def training_step(
     centres = [buffer.clone() for buffer in state.loss.buffers()]
     dtype = state.autocast_dtype
     with torch.autocast(crops[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        with torch.no_grad():
-            teacher_cls, teacher_query = state.teacher(crops[:2], query_crops)
-        student_cls, student_query = state.student_ddp(crops, query_crops)
-        terms = state.loss(student_cls, teacher_cls, student_query, teacher_query, settings.teacher_temp)
+        if isinstance(state.loss, FusedADCLRLoss):  # the heads stop at their bottleneck; the loss applies W
+            with torch.no_grad():
+                teacher_features = state.teacher(crops[:2], query_crops, head_features=True)
+            student_features = state.student_ddp(crops, query_crops, head_features=True)
+            terms = state.loss(student_features, teacher_features, settings.teacher_temp)
+        else:
+            with torch.no_grad():
+                teacher_cls, teacher_query = state.teacher(crops[:2], query_crops)
+            student_cls, student_query = state.student_ddp(crops, query_crops)
+            terms = state.loss(student_cls, teacher_cls, student_query, teacher_query, settings.teacher_temp)
     losses = StepLosses(*torch.stack([terms.total, terms.cls, terms.query]).tolist())
     finite_here = math.isfinite(losses.loss)
     if not _finite_everywhere(finite_here, terms.total.device):

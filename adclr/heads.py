@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,5 +48,23 @@ class DINOHead(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck: what the last layer maps to the K outputs."""
+        return F.normalize(self.mlp(x), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        return self.last_layer(self.features(x))
+
+
+@dataclass
+class HeadFeatures:
+    """The heads' inputs to their last layer, for a loss that applies the last layer itself (fused).
+
+    ``weight`` is the effective weight-normalised last layer ``[K, bottleneck]``, computed through its
+    parametrisation so that gradients reach its direction and magnitude by autograd.
+    """
+
+    cls: torch.Tensor  # [crops*B, bottleneck], crop-major like the logits
+    queries: torch.Tensor | None  # [query views, B, Q, bottleneck], None without query crops
+    weight: torch.Tensor  # [K, bottleneck], the CLS head's last layer
+    query_weight: torch.Tensor | None  # the query tokens' last layer (``weight`` itself when shared)

@@ -75,17 +75,18 @@ class ADCLRLoss(nn.Module):
     @torch.no_grad()
     def update_centers(self, teacher_cls: torch.Tensor, teacher_query: torch.Tensor | None) -> None:
         """center <- m * center + (1 - m) * mean of the teacher outputs over every process."""
-        self.center.mul_(self.center_momentum).add_(_global_mean(teacher_cls), alpha=1 - self.center_momentum)
+        ema_center_(self.center, teacher_cls.detach().float().sum(dim=0), teacher_cls.shape[0], self.center_momentum)
         if teacher_query is not None:
-            query_mean = _global_mean(teacher_query.flatten(0, -2))
-            self.query_center.mul_(self.center_momentum).add_(query_mean, alpha=1 - self.center_momentum)
+            rows = teacher_query.flatten(0, -2)
+            ema_center_(self.query_center, rows.detach().float().sum(dim=0), rows.shape[0], self.center_momentum)
 
 
-def _global_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``x`` across all processes (plain mean without a process group)."""
-    total = x.detach().float().sum(dim=0, keepdim=True)
-    count = torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)
+@torch.no_grad()
+def ema_center_(center: torch.Tensor, column_sum: torch.Tensor, rows: int, momentum: float) -> None:
+    """``center <- momentum * center + (1 - momentum) * column_sum / rows``, sum and rows all-reduced."""
+    total = column_sum.float().reshape(center.shape).clone()
+    count = torch.tensor([rows], dtype=torch.float32, device=total.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
         dist.all_reduce(count)
-    return total / count
+    center.mul_(momentum).add_(total / count, alpha=1 - momentum)

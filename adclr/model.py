@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
+from .heads import HeadFeatures
 from .kernels import AttentionLayout, adclr_attention, adclr_attention_packed, reference_probabilities
 
 ARCHS = {
@@ -179,7 +180,9 @@ class MultiCropWrapper(nn.Module):
     """DINO's multi-crop wrapper with query crops: one backbone pass per crop resolution.
 
     Query crops ride along with the first (global) resolution group only; every view of that group
-    gets the same query crops. The head maps the CLS outputs of all crops and the query outputs.
+    gets the same query crops. The head maps the CLS outputs of all crops and the query outputs; with
+    ``head_features=True`` it stops before its last layer and returns ``HeadFeatures`` for the fused
+    loss, which applies the last layer chunk by chunk (``adclr.fused_loss``).
     """
 
     def __init__(self, backbone: ADCLRVisionTransformer, head: nn.Module, query_head: nn.Module | None = None):
@@ -188,8 +191,21 @@ class MultiCropWrapper(nn.Module):
         self.head = head
         self.query_head = query_head
 
-    def forward(self, crops: list[torch.Tensor], query_crops: torch.Tensor | None = None):
-        """Returns ``(cls_logits [n_crops*B, K], query_logits [n_query_views, B, Q, K] or None)``."""
+    def forward(self, crops: list[torch.Tensor], query_crops: torch.Tensor | None = None, *, head_features=False):
+        """``(cls_logits [n_crops*B, K], query_logits [n_query_views, B, Q, K] or None)``, or ``HeadFeatures``."""
+        cls_features, query_features = self._backbone_outputs(crops, query_crops)
+        if head_features:
+            return self._head_features(cls_features, query_features)
+        if query_features is None:
+            return self.head(cls_features), None
+        if self.query_head is None:  # shared head: one pass over CLS and query features together
+            n_cls = cls_features.shape[0]
+            logits = self.head(torch.cat([cls_features, query_features.flatten(0, 2)]))
+            return logits[:n_cls], logits[n_cls:].view(*query_features.shape[:3], -1)
+        return self.head(cls_features), self.query_head(query_features)
+
+    def _backbone_outputs(self, crops, query_crops):
+        """Backbone CLS outputs of every crop ``[n_crops*B, C]`` and query outputs ``[views, B, Q, C]``."""
         sizes = torch.tensor([c.shape[-1] for c in crops])
         ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
         cls_features, query_features, start = [], None, 0
@@ -203,11 +219,16 @@ class MultiCropWrapper(nn.Module):
             if out.queries is not None:
                 query_features = out.queries.unflatten(0, (end - start, -1))
             start = end
-        cls_features = torch.cat(cls_features)
+        return torch.cat(cls_features), query_features
+
+    def _head_features(self, cls_features, query_features) -> HeadFeatures:
+        weight = self.head.last_layer.weight
         if query_features is None:
-            return self.head(cls_features), None
-        if self.query_head is None:  # shared head: one pass over CLS and query features together
+            return HeadFeatures(self.head.features(cls_features), None, weight, None)
+        if self.query_head is None:  # shared head, as in forward
             n_cls = cls_features.shape[0]
-            logits = self.head(torch.cat([cls_features, query_features.flatten(0, 2)]))
-            return logits[:n_cls], logits[n_cls:].view(*query_features.shape[:3], -1)
-        return self.head(cls_features), self.query_head(query_features)
+            features = self.head.features(torch.cat([cls_features, query_features.flatten(0, 2)]))
+            queries = features[n_cls:].view(*query_features.shape[:3], -1)
+            return HeadFeatures(features[:n_cls], queries, weight, weight)
+        queries = self.query_head.features(query_features)
+        return HeadFeatures(self.head.features(cls_features), queries, weight, self.query_head.last_layer.weight)

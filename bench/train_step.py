@@ -5,8 +5,12 @@
 
 Every variant runs ``adclr.engine.training_step`` (the trainer's own iteration: teacher and student
 forward, ADCLR loss, backward, clipping, AdamW, EMA) on the same model and the same random crops.
-"DINO" is the same model and loss with no query tokens. Reports the median step time (CUDA events
-around each step, after warm-up), images/s, peak memory and each variant's ratio to DINO.
+"DINO" is the same model and loss with no query tokens. ``*_fused`` variants apply the heads' last
+layer inside the chunked fused loss (``--fused_loss true``); the others use the unfused reference
+loss. Reports the median step time (CUDA events around each step, after warm-up), images/s, peak
+memory and each variant's ratio to the unfused DINO step.
+
+    python -m bench.train_step --variants dino dino_fused triton triton_fused --loss_backend torch
 """
 
 from __future__ import annotations
@@ -19,17 +23,18 @@ import torch
 
 from adclr import engine
 from adclr.config import TrainConfig, make_config
+from adclr.kernels.dino_loss import AUTO_BACKEND, LOSS_BACKENDS
 from bench.report import Report
 
-VARIANTS = ("dino", "triton", "sdpa", "reference")
+VARIANTS = ("dino", "dino_fused", "triton", "triton_fused", "sdpa", "reference")
 # Fixed scheduled values: the step's cost does not depend on them.
 SETTINGS = engine.StepSettings(lr=1e-4, weight_decay=0.04, teacher_temp=0.04, momentum=0.996, freeze_last_layer=False)
 
 
-def variant_config(tiny: bool, num_query: int, backend: str, device: torch.device) -> TrainConfig:
+def variant_config(tiny: bool, num_query: int, backend: str, fused_loss: bool, device: torch.device) -> TrainConfig:
     """The paper's ViT-S/16 recipe (batch 64, 2x224 + 10x96 crops), or with ``tiny`` the built-in preset
-    made even smaller, with attention ``backend`` and ``num_query`` query crops."""
-    common = dict(attn_backend=backend, num_query=num_query)
+    made even smaller, with attention ``backend``, ``num_query`` query crops and the fused or unfused loss."""
+    common = dict(attn_backend=backend, num_query=num_query, fused_loss=fused_loss)
     if tiny:
         return make_config(
             "builtin", **common, batch_size_per_gpu=4, local_crops_number=2, out_dim=64, precision="fp32"
@@ -37,10 +42,13 @@ def variant_config(tiny: bool, num_query: int, backend: str, device: torch.devic
     return make_config("paper", **common, precision=engine.default_precision(device))
 
 
-def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> dict:
-    num_query = 0 if variant == "dino" else (4 if tiny else 10)
-    config = variant_config(tiny, num_query, "auto" if variant == "dino" else variant, device)
+def time_variant(variant: str, tiny: bool, steps: int, device: torch.device, loss_backend: str = "auto") -> dict:
+    backend, _, fused = variant.partition("_")
+    num_query = 0 if backend == "dino" else (4 if tiny else 10)
+    config = variant_config(tiny, num_query, "auto" if backend == "dino" else backend, bool(fused), device)
     state = engine.build_train_state(config, device)
+    if fused:
+        state.loss.backend = loss_backend
     B, p = config.optim.batch_size_per_gpu, config.patch_size
     data = config.data
     torch.manual_seed(0)
@@ -80,6 +88,7 @@ def time_variant(variant: str, tiny: bool, steps: int, device: torch.device) -> 
         batch=B,
         crops=f"2x{data.global_size}+{data.local_crops_number}x{data.local_size}",
         Q=num_query,
+        fused_loss=bool(fused),
         precision=config.optim.precision,
         step_ms=ms,
         images_per_s=B / (ms * 1e-3),
@@ -93,11 +102,15 @@ def main(argv=None) -> str:
     parser.add_argument("--tiny", action="store_true", help="tiny model and batch (CPU smoke test)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--loss_backend", choices=LOSS_BACKENDS, default="auto", help="row operations of the *_fused variants"
+    )
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report = Report("train_step", args.output_dir, device)
-    rows = [time_variant(v, args.tiny, args.steps, device) for v in args.variants]
+    rows = [time_variant(v, args.tiny, args.steps, device, args.loss_backend) for v in args.variants]
+    report.note(f"fused loss row operations: backend={args.loss_backend!r} (auto: {AUTO_BACKEND})")
     dino = next((r for r in rows if r["variant"] == "dino"), None)
     for row in rows:
         row["time_vs_dino"] = row["step_ms"] / dino["step_ms"] if dino else float("nan")

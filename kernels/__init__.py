@@ -1,20 +1,26 @@
-"""ADCLR attention kernels, installed as ``adclr.kernels``.
+"""ADCLR attention and loss kernels, installed as ``adclr.kernels``.
 
 ``AttentionLayout`` defines who attends to whom; ``adclr_attention`` / ``adclr_attention_packed``
 run it on the fused Triton kernel (CUDA sm80+), exact SDPA, or the explicit reference.
+``dino_teacher_probs`` / ``dino_soft_cross_entropy_`` are the DINO loss's row operations (Triton on
+CUDA, PyTorch elsewhere) that ``adclr.fused_loss`` runs between the head's chunked matmuls.
 """
 
 from .attention import BACKENDS, adclr_attention, adclr_attention_packed, interpreter_enabled, triton_is_default
+from .dino_loss import LOSS_BACKENDS, dino_soft_cross_entropy_, dino_teacher_probs
 from .layout import QUERY_KEY_RULES, AttentionLayout
 from .reference import reference_attention, reference_probabilities
 from .sdpa import sdpa_attention
 
 __all__ = [
     "BACKENDS",
+    "LOSS_BACKENDS",
     "QUERY_KEY_RULES",
     "AttentionLayout",
     "adclr_attention",
     "adclr_attention_packed",
+    "dino_soft_cross_entropy_",
+    "dino_teacher_probs",
     "interpreter_enabled",
     "reference_attention",
     "reference_probabilities",

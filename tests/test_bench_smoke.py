@@ -30,4 +30,5 @@ def test_train_step_benchmark_runs_every_variant(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "train_step.csv")))
     assert [r["variant"] for r in rows] == list(train_step.VARIANTS)
     assert all(float(r["step_ms"]) > 0 and math.isclose(float(rows[0]["time_vs_dino"]), 1.0) for r in rows)
-    assert [int(r["Q"]) for r in rows] == [0, 4, 4, 4]
+    assert [int(r["Q"]) for r in rows] == [0, 0, 4, 4, 4, 4]
+    assert [r["fused_loss"] for r in rows] == ["False", "True", "False", "True", "False", "False"]

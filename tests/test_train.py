@@ -48,13 +48,14 @@ TINY = [
 # train.py with the loss poisoned to NaN: the real entry point, its real error path.
 POISONED_LOSS = """
 import runpy, sys
+from adclr.fused_loss import FusedADCLRLoss
 from adclr.loss import ADCLRLoss
-real_forward = ADCLRLoss.forward
-def poisoned(self, *args, **kwargs):
-    terms = real_forward(self, *args, **kwargs)
-    terms.total = terms.total * float("nan")
-    return terms
-ADCLRLoss.forward = poisoned
+for loss_class in (ADCLRLoss, FusedADCLRLoss):  # whichever --fused_loss picks
+    def poisoned(self, *args, real_forward=loss_class.forward, **kwargs):
+        terms = real_forward(self, *args, **kwargs)
+        terms.total = terms.total * float("nan")
+        return terms
+    loss_class.forward = poisoned
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
