@@ -39,6 +39,19 @@ PLANS = {
 }
 
 
+def plan(variant: str, seq_len: int, head_dim: int, dtype, device=KERNEL_DEVICE) -> plans.Plan:
+    """``PLANS[variant]`` under the interpreter; on a GPU the same variants with the built-in GPU tiles."""
+    if device != "cuda":
+        return PLANS[variant]
+    backward = PLANS[variant].bwd
+    if backward == "v1":
+        return plans.Plan("v1", None, "v1", None)
+    fwd = plans.default_plan(seq_len, head_dim, dtype).fwd_tiles
+    if backward == "short":
+        return plans.Plan("v2", fwd, "short", plans.short_tiles(seq_len, head_dim))
+    return plans.Plan("v2", fwd, "fused", plans._v2_tiles(plans.V2_FUSED_TILES, head_dim, dtype, seq_len))
+
+
 def inputs(batch, heads, layout, head_dim, dtype, storage, device=KERNEL_DEVICE):
     """q, k, v ``[B, H, L, D]`` as plain tensors, padded sequence-major views, or a packed qkv's views."""
     L = layout.length
@@ -115,7 +128,7 @@ def test_spec_cases_cover_every_variant_with_every_rule_storage_and_prefix():
 def test_kernel_matches_float64_reference(variant, rule, R, Q, P, head_dim, storage, dtype):
     layout = layout_for(rule, R, Q, P)
     q, k, v = inputs(2, 2, layout, head_dim, dtype, storage)
-    with plans.forced_plan(PLANS[variant]):
+    with plans.forced_plan(plan(variant, layout.length, head_dim, dtype)):
         check_against_reference(q, k, v, layout, head_dim**-0.5, storage, dtype)
 
 
@@ -131,7 +144,7 @@ def test_kernel_matches_float64_reference(variant, rule, R, Q, P, head_dim, stor
 def test_head_dims(head_dim, rule, variant):
     layout = layout_for(rule, 37, 10, 1)
     q, k, v = inputs(1, 2, layout, head_dim, torch.float16, "strided")
-    with plans.forced_plan(PLANS[variant]):
+    with plans.forced_plan(plan(variant, layout.length, head_dim, torch.float16)):
         check_against_reference(q, k, v, layout, 0.7 / math.sqrt(head_dim), "strided", torch.float16)
 
 
@@ -145,7 +158,7 @@ def test_invisible_keys_never_contribute(variant, rule):
     k_bad[:, :, 29:] = float("nan")
     v_bad[:, :, 29:] = float("inf")
     do = torch.randn_like(q)
-    with plans.forced_plan(PLANS[variant]):
+    with plans.forced_plan(plan(variant, layout.length, 32, torch.float32)):
         out, _, grads = run_poisoned(q, k_bad, v_bad, do, layout, 32**-0.5, "contiguous")
     truth, truth_grads = reference_with_grads(q, k, v, do, layout, 32**-0.5)
     assert max_error(out, truth) < 1e-5
@@ -215,17 +228,6 @@ def test_forced_short_backward_refuses_a_sequence_it_cannot_hold():
 # -------------------------------------------------------------------------------------------------
 
 
-def _gpu_plan(variant: str, seq_len: int, head_dim: int, dtype) -> plans.Plan:
-    """The GPU plan of the interpreter variant ``variant`` with the built-in GPU tiles."""
-    backward = PLANS[variant].bwd
-    fwd = plans.default_plan(seq_len, head_dim, dtype).fwd_tiles
-    if backward == "v1":
-        return plans.Plan("v1", None, "v1", None)
-    if backward == "short":
-        return plans.Plan("v2", fwd, "short", plans.short_tiles(seq_len, head_dim))
-    return plans.Plan("v2", fwd, "fused", plans._v2_tiles(plans.V2_FUSED_TILES, head_dim, dtype, seq_len))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("shape", list(VIT_SHAPES), ids=list(VIT_SHAPES))
@@ -249,18 +251,8 @@ def test_gpu_each_backward_variant_at_real_shapes(variant, shape, rule):
     B, H, R, Q, D = VIT_SHAPES[shape]
     layout = layout_for(rule, R, Q, 1)
     q, k, v = inputs(B, H, layout, D, torch.bfloat16, "packed", device="cuda")
-    with plans.forced_plan(_gpu_plan(variant, layout.length, D, torch.bfloat16)):
+    with plans.forced_plan(plan(variant, layout.length, D, torch.bfloat16)):
         check_against_reference(q, k, v, layout, D**-0.5, "packed", torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant, rule, R, Q, P, head_dim, storage", spec_cases())
-def test_gpu_spec_cases_bf16(variant, rule, R, Q, P, head_dim, storage):
-    """The interpreter's cases again in bf16, which the interpreter cannot run (fp32/fp16 run above)."""
-    layout = layout_for(rule, R, Q, P)
-    q, k, v = inputs(3, 5, layout, head_dim, torch.bfloat16, storage, device="cuda")
-    with plans.forced_plan(_gpu_plan(variant, layout.length, head_dim, torch.bfloat16)):
-        check_against_reference(q, k, v, layout, head_dim**-0.5, storage, torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -286,7 +278,7 @@ def test_gpu_backward_is_deterministic(variant, R, rule):
     qkv = torch.randn(32, layout.length, 3, 6, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn(32, layout.length, 6, 64, device="cuda", dtype=torch.bfloat16)
     first = None
-    with plans.forced_plan(_gpu_plan(variant, layout.length, 64, torch.bfloat16)):
+    with plans.forced_plan(plan(variant, layout.length, 64, torch.bfloat16)):
         for _ in range(20):
             (grad,) = torch.autograd.grad(adclr_attention_packed(qkv, layout, backend="triton"), qkv, do)
             if first is None:
@@ -302,3 +294,13 @@ def test_gpu_autotuned_tiles_are_correct(R, monkeypatch):
     layout = AttentionLayout(R, 10, 1, "raw+self")
     q, k, v = inputs(16, 6, layout, 64, torch.bfloat16, "packed", device="cuda")
     check_against_reference(q, k, v, layout, 64**-0.5, "packed", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant, rule, R, Q, P, head_dim, storage", spec_cases())
+def test_gpu_spec_cases_bf16(variant, rule, R, Q, P, head_dim, storage):
+    """The interpreter's cases again in bf16, which the interpreter cannot run (fp32/fp16 run above)."""
+    layout = layout_for(rule, R, Q, P)
+    q, k, v = inputs(3, 5, layout, head_dim, torch.bfloat16, storage, device="cuda")
+    with plans.forced_plan(plan(variant, layout.length, head_dim, torch.bfloat16)):
+        check_against_reference(q, k, v, layout, head_dim**-0.5, storage, torch.bfloat16)
