@@ -215,7 +215,6 @@ def _bwd_short_kernel(
     allowed = (keys < shared_keys) & (keys >= tl.where(rows >= shared_keys, query_key_start, 0))
     if QUERY_SELF:
         allowed = allowed | ((rows == keys) & (rows >= shared_keys))
-    allowed = allowed & (rows < seq_len)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)

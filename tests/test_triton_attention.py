@@ -7,6 +7,7 @@ query count and variant across (rule, L, P) instead of taking the full product; 
 checks that every variant still meets every rule, dtype, storage and P.
 """
 
+import collections
 import itertools
 import math
 
@@ -94,33 +95,44 @@ def check_against_reference(q, k, v, layout, scale, storage, dtype):
     return grads
 
 
+def _valid(rule: str, R: int, Q: int, P: int) -> bool:
+    return R >= max(P, 1) and not (rule == "raw" and P == R and Q > 0)
+
+
+def _features(variant, rule, L, Q, P, storage) -> list[tuple]:
+    return [(variant, rule), (variant, f"P{P}"), (variant, storage), (variant, L, Q), (variant,)]
+
+
 def spec_cases():
-    """Every rule x L x P of the issue (L in 1, 17, 47, 64, 130; P in 0, 1, 5); the query count,
-    head dim, storage and variant rotate so that each variant meets each rule, storage and P."""
-    cases, i = [], 0
-    variants = itertools.cycle(PLANS)
-    for rule, L, P in itertools.product(RULES, (1, 17, 47, 64, 130), (0, 1, 5)):
-        for Q in ((0, 1, 10)[(i + j) % 3] for j in range(3)):  # the first valid count in rotated order
-            R = L - Q
-            if R >= max(P, 1) and not (rule == "raw" and P == R and Q > 0):
-                break
-        else:
+    """Every rule x L x P of the issue (L in 1, 17, 47, 64, 130; P in 0, 1, 5). Storage and head dim
+    rotate; the variant and the query count Q (0, 1, 10) are chosen greedily so that every variant
+    meets every rule, P, storage and (L, Q) pair as evenly as the cases allow."""
+    cases, seen = [], collections.Counter()
+    for i, (rule, L, P) in enumerate(itertools.product(RULES, (1, 17, 47, 64, 130), (0, 1, 5))):
+        storage, head_dim = STORAGES[i % 3], (16, 64, 80)[(i // 3) % 3]
+        options = [
+            (variant, Q)
+            for variant in PLANS
+            for Q in (0, 1, 10)
+            if _valid(rule, L - Q, Q, P) and (variant != "short" or plans.short_eligible(L, head_dim))
+        ]
+        if not options:
             continue
-        head_dim, storage = (16, 64, 80)[i % 3], STORAGES[(i // 3) % 3]
-        variant = next(variants)
-        if variant == "short" and not plans.short_eligible(L, head_dim):
-            variant = next(variants)
+        scores = [sum(seen[f] for f in _features(v, rule, L, q, P, storage)) for v, q in options]
+        variant, Q = options[scores.index(min(scores))]
+        seen.update(_features(variant, rule, L, Q, P, storage))
+        R = L - Q
         cases.append(pytest.param(variant, rule, R, Q, P, head_dim, storage, id=f"{variant}-{rule}-R{R}-Q{Q}-P{P}"))
-        i += 1
     return cases
 
 
-def test_spec_cases_cover_every_variant_with_every_rule_storage_and_prefix():
-    seen = {(c.values[0], c.values[1]) for c in spec_cases()}
-    seen |= {(c.values[0], c.values[6]) for c in spec_cases()}
-    seen |= {(c.values[0], f"P{c.values[4]}") for c in spec_cases()}
-    wanted = itertools.product(PLANS, [*RULES, *STORAGES, "P0", "P1", "P5"])
-    assert set(wanted) <= seen, sorted(set(wanted) - seen)
+def test_spec_cases_cover_every_variant_with_every_rule_storage_prefix_and_query_count():
+    cases = [c.values for c in spec_cases()]
+    seen = {(v, x) for v, rule, R, Q, P, _, storage in cases for x in (rule, storage, f"P{P}", f"Q{Q}")}
+    assert set(itertools.product(PLANS, [*RULES, *STORAGES, "P0", "P1", "P5", "Q0", "Q1", "Q10"])) <= seen
+    # The multi-block lengths with query rows: each backward variant that can run them does.
+    multi_block = {(v, R + Q) for v, _, R, Q, *_ in cases if Q > 0 and R + Q >= 47}
+    assert {(v, L) for v in PLANS for L in (47, 64, 130) if v != "short" or L <= 64} <= multi_block
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

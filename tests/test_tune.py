@@ -120,3 +120,24 @@ def test_compile_identity_groups_rules_by_what_they_compile():
     cases = [tune.Case("s", 8, 6, 197, 10, 64, rule, "bf16") for rule in tune.RULES]
     identities = {tune._compile_identity(case, c) for case in cases}
     assert len(identities) == 2  # QUERY_SELF False (prefix+raw, raw, bidirectional) and True
+
+
+def test_an_inexact_candidate_is_reported_and_never_chosen(monkeypatch):
+    """A forward candidate whose output is wrong fails the accuracy gate: not timed, not chosen."""
+    bad = T(16, 32, 1, 1)
+    real = tune.ops.forward_launches
+
+    def corrupting(q, k, v, o, lse, params, scale, plan, capability):
+        launches = real(q, k, v, o, lse, params, scale, plan, capability)
+        return launches + [o.zero_] if plan.fwd_tiles == bad else launches
+
+    monkeypatch.setattr(tune.ops, "forward_launches", corrupting)
+    case = tune.Case("tiny47", *tune.TINY_SHAPES["tiny47"], "raw+self", "fp32")
+    rows = []
+    result = tune.measure_case(case, "cpu", True, {}, rows)
+    status = {(r["stage"], r["candidate"]): r["status"] for r in rows}
+    assert status[("fwd", tune.Candidate("fwd", "v2", bad).label())] == "inexact"
+    assert all(s == "ok" for (stage, c), s in status.items() if c != tune.Candidate("fwd", "v2", bad).label())
+    entry = tune.decide(case.key, [result])
+    assert entry["fwd"] != tune.Candidate("fwd", "v2", bad).to_json()
+    assert tune.Candidate("fwd", "v2", bad) not in result["fwd"]
