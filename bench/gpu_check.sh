@@ -3,6 +3,7 @@
 # most 7 minutes of wall time.
 #   bash bench/gpu_check.sh            # everything goes to $OUT (else bench/results/<date>_<gpu>/)
 #   bash bench/gpu_check.sh --dry-run  # print the stages and their budgets; run nothing
+#   bash bench/gpu_check.sh --only tune summary   # run only the named stages
 #
 # Stages run in order, each under `timeout` (SIGTERM at its budget, SIGKILL 2 s later), each with its
 # full log in OUT_DIR/<stage>.log and a status line in OUT_DIR/stages.txt. Every stage writes its
@@ -13,7 +14,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 DRY_RUN=0
-[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+ONLY=""
+case "${1:-}" in
+  --dry-run) DRY_RUN=1 ;;
+  --only) shift; ONLY=" $* " ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry-run | --only STAGE...]" >&2; exit 2 ;;
+esac
 
 gpu_name="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
 gpu_slug="$(printf '%s' "${gpu_name:-gpu}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
@@ -66,6 +73,7 @@ mkdir -p "$OUT_DIR"
 status=0
 for stage in "${STAGES[@]}"; do
   IFS='|' read -r name budget command <<< "$stage"
+  [[ -n "$ONLY" && "$ONLY" != *" $name "* ]] && continue
   start=$(date +%s)
   if [[ "$name" == "summary" ]]; then
     timeout -k 2 "$budget" bash -c "$command" 2>&1 | tee "$OUT_DIR/summary.txt"

@@ -80,3 +80,20 @@ def test_summary_of_a_fake_run(tmp_path):
 def test_summary_of_an_empty_run(tmp_path):
     text = report.summarize(str(tmp_path))
     assert "kernel benchmark: no results" in text and "tuner: no results" in text and "GPU tests: no log" in text
+
+
+def test_stages_run_under_the_runner_and_a_failure_does_not_stop_the_rest(tmp_path):
+    """Two real stages on CPU: ``versions`` fails (no CUDA), ``summary`` still runs and prints last."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--only", "versions", "summary"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(out)},
+    )
+    assert result.returncode == 1  # a stage failed
+    stages = (out / "stages.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in stages] == [["versions", "FAILED"], ["summary", "ok"]]
+    assert (out / "versions.log").stat().st_size > 0  # the full log of the failed stage
+    assert result.stdout.strip().splitlines()[-1] == f"full logs and tables: {out}"  # the summary is last
+    assert (out / "summary.txt").read_text() in result.stdout
