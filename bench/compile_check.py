@@ -72,7 +72,7 @@ def _plan_for(kernel: str, seq_len: int, head_dim: int, dtype: torch.dtype, over
     if kernel == "short":
         tiles = overrides.get("short", plans.short_tiles(seq_len, head_dim))
         return dataclasses.replace(plan, bwd="short", bwd_tiles=tiles)
-    fused = plans._v2_tiles(plans.V2_FUSED_TILES, head_dim, dtype, seq_len)
+    fused = plans.fused_tiles(seq_len, head_dim, dtype)
     return dataclasses.replace(plan, bwd="fused", bwd_tiles=overrides.get("fused", fused))
 
 

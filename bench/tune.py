@@ -92,22 +92,21 @@ class Candidate:
 
 
 def candidates(case: Case, tiny: bool) -> list[Candidate]:
-    """Forward then backward candidates. Head dims above 64 try the built-in tile only."""
+    """Forward then backward candidates. Head dims above 64 and fp32 try the built-in tiles only."""
     length, dtype = case.layout.length, DTYPES[case.dtype]
-    default = plans.default_plan(length, case.head_dim, dtype)
-    rows = max(32, plans.short_block(length))  # no row block larger than the padded sequence
+    rows = max(32, plans.short_block(length))  # no block of rows larger than the padded sequence
     if tiny:
-        fwd_tiles = fused_tiles = TINY_TILES
-        short = [plans.Tiles(0, 0, 1, 1)]
+        forward, fused, short = TINY_TILES, TINY_TILES, [plans.Tiles(0, 0, 1, 1)]
     elif plans.block_d(case.head_dim) <= 64 and dtype != torch.float32:
-        fwd_tiles = [t for t in plans.FWD_CANDIDATES if t.block_m <= rows]
-        fused_tiles = [t for t in plans.FUSED_CANDIDATES if t.block_m <= rows]
+        forward = [t for t in plans.FWD_CANDIDATES if t.block_m <= rows]
+        fused = [t for t in plans.FUSED_CANDIDATES if t.block_m <= rows]
         short = list(plans.SHORT_CANDIDATES)
     else:
-        fused = plans.default_plan(max(length, plans.SHORT_DEFAULT_MAX_LEN + 1), case.head_dim, dtype).bwd_tiles
-        fwd_tiles, fused_tiles, short = [default.fwd_tiles], [fused], [plans.short_tiles(length, case.head_dim)]
-    out = [Candidate("fwd", "v1", None)] + [Candidate("fwd", "v2", t) for t in fwd_tiles]
-    out += [Candidate("bwd", "v1", None)] + [Candidate("bwd", "fused", t) for t in fused_tiles]
+        forward = [plans.fwd_tiles(length, case.head_dim, dtype)]
+        fused = [plans.fused_tiles(length, case.head_dim, dtype)]
+        short = [plans.short_tiles(length, case.head_dim)]
+    out = [Candidate("fwd", "v1", None)] + [Candidate("fwd", "v2", t) for t in forward]
+    out += [Candidate("bwd", "v1", None)] + [Candidate("bwd", "fused", t) for t in fused]
     if plans.short_eligible(length, case.head_dim):
         out += [Candidate("bwd", "short", t) for t in short]
     return out

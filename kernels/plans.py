@@ -194,8 +194,15 @@ def v1_tiles(kind: str, head_dim: int, dtype: torch.dtype) -> Tiles:
     raise ValueError(f"head dim {head_dim} exceeds the largest the v1 tile table covers for {dtype}")
 
 
-def _v2_tiles(table: dict, head_dim: int, dtype: torch.dtype, seq_len: int) -> Tiles:
-    by_bucket = _by_head_dim(table[_half_or_fp32(dtype)], head_dim, str(dtype))
+def fwd_tiles(seq_len: int, head_dim: int, dtype: torch.dtype) -> Tiles:
+    """The built-in tiles of the v2 forward."""
+    by_bucket = _by_head_dim(V2_FWD_TILES[_half_or_fp32(dtype)], head_dim, str(dtype))
+    return by_bucket.get(seq_bucket(seq_len), by_bucket["*"])
+
+
+def fused_tiles(seq_len: int, head_dim: int, dtype: torch.dtype) -> Tiles:
+    """The built-in tiles (owned block, stepped block) of the fused backward."""
+    by_bucket = _by_head_dim(V2_FUSED_TILES[_half_or_fp32(dtype)], head_dim, str(dtype))
     return by_bucket.get(seq_bucket(seq_len), by_bucket["*"])
 
 
@@ -211,10 +218,10 @@ def default_plan(seq_len: int, head_dim: int, dtype: torch.dtype, interpreting: 
     short = seq_len <= SHORT_DEFAULT_MAX_LEN and short_eligible(seq_len, head_dim) and dtype != torch.float32
     if interpreting:
         return Plan("v2", INTERPRETER_TILES, "short" if short else "fused", INTERPRETER_TILES)
-    fwd = _v2_tiles(V2_FWD_TILES, head_dim, dtype, seq_len)
+    fwd = fwd_tiles(seq_len, head_dim, dtype)
     if short:
         return Plan("v2", fwd, "short", short_tiles(seq_len, head_dim))
-    return Plan("v2", fwd, "fused", _v2_tiles(V2_FUSED_TILES, head_dim, dtype, seq_len))
+    return Plan("v2", fwd, "fused", fused_tiles(seq_len, head_dim, dtype))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,10 +47,10 @@ def plan(variant: str, seq_len: int, head_dim: int, dtype, device=KERNEL_DEVICE)
     backward = PLANS[variant].bwd
     if backward == "v1":
         return plans.Plan("v1", None, "v1", None)
-    fwd = plans.default_plan(seq_len, head_dim, dtype).fwd_tiles
+    fwd = plans.fwd_tiles(seq_len, head_dim, dtype)
     if backward == "short":
         return plans.Plan("v2", fwd, "short", plans.short_tiles(seq_len, head_dim))
-    return plans.Plan("v2", fwd, "fused", plans._v2_tiles(plans.V2_FUSED_TILES, head_dim, dtype, seq_len))
+    return plans.Plan("v2", fwd, "fused", plans.fused_tiles(seq_len, head_dim, dtype))
 
 
 def inputs(batch, heads, layout, head_dim, dtype, storage, device=KERNEL_DEVICE):
