@@ -41,7 +41,7 @@ STAGES=(
   "versions|10|$PY -c 'import torch, triton, timm; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, timm.__version__)'; nvidia-smi"
   "precompile|55|$PY -m bench.tune --precompile_only --jobs 16"
   "benchmark|110|$PY -m bench.attention --rules prefix+raw raw+self --dtypes bf16 --modes fwd fwd+bwd --budget_s 95 --output_dir '$OUT_DIR'"
-  "tune|85|$PY -m bench.tune --budget_s 70 --output_dir '$OUT_DIR'"
+  "tune|85|$PY -m bench.tune --skip_precompile --budget_s 70 --output_dir '$OUT_DIR'"
   "gpu_tests|70|$PY -m pytest $tests $test_flags"
   "train_step|40|$PY -m bench.train_step --steps 10 --output_dir '$OUT_DIR'"
   "summary|10|$PY -m bench.report summary '$OUT_DIR'"
