@@ -28,7 +28,7 @@ OUT_DIR="${OUT:-bench/results/$(date -u +%Y-%m-%d)_${gpu_slug}}"
 
 # pytest-xdist and pytest-timeout are expected on the GPU machine; without them the tests run serially
 # and only the stage's own timeout bounds them.
-test_flags="-q -p no:cacheprovider -rfE"
+test_flags="-v -p no:cacheprovider -rfE"  # one line per test: a run cut short still shows what passed
 $PY -c "import xdist" 2>/dev/null && test_flags+=" -n 4"
 $PY -c "import pytest_timeout" 2>/dev/null && test_flags+=" --timeout 60"
 # GPU-marked tests (real shapes, each backward variant, determinism, autotune with a few configs, the

@@ -211,12 +211,19 @@ def tune_summary(rows: list[dict]) -> list[str]:
 
 
 def pytest_summary(path: str) -> str:
-    """The last summary line of a pytest log ("... passed, ... failed in ...")."""
+    """The last summary line of a pytest log ("... passed, ... failed in ..."); for a run cut short,
+    the counts of its verbose per-test lines and the tests that failed."""
     if not os.path.exists(path):
         return "GPU tests: no log"
     lines = [line.strip("= \n") for line in open(path, errors="replace")]
     finals = [line for line in lines if re.search(r"\d+ (passed|failed|error)", line)]
-    return "GPU tests: " + (finals[-1] if finals else "no summary line (cut short?)")
+    if finals:
+        return "GPU tests: " + finals[-1]
+    counts = {word: sum(f" {word} " in f" {line} " for line in lines) for word in ("PASSED", "FAILED", "ERROR")}
+    failed = [line.split()[-1] for line in lines if " FAILED " in f" {line} "]
+    return f"GPU tests (cut short): {counts['PASSED']} passed, {counts['FAILED']} failed, {counts['ERROR']} errors" + (
+        f"; failed: {', '.join(failed[:5])}" if failed else ""
+    )
 
 
 def summarize(out_dir: str) -> str:

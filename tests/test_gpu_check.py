@@ -77,6 +77,16 @@ def test_summary_of_a_fake_run(tmp_path):
     assert "train step dino" in text and text.endswith(f"full logs and tables: {tmp_path}")
 
 
+def test_summary_of_a_test_stage_cut_short(tmp_path):
+    (tmp_path / "gpu_tests.log").write_text(
+        "[gw0] [ 1%] PASSED tests/t.py::test_a\n[gw1] [ 2%] FAILED tests/t.py::test_b[x]\n"
+        "[gw0] [ 3%] PASSED tests/t.py::test_c\n"
+    )
+    assert report.pytest_summary(str(tmp_path / "gpu_tests.log")) == (
+        "GPU tests (cut short): 2 passed, 1 failed, 0 errors; failed: tests/t.py::test_b[x]"
+    )
+
+
 def test_summary_of_an_empty_run(tmp_path):
     text = report.summarize(str(tmp_path))
     assert "kernel benchmark: no results" in text and "tuner: no results" in text and "GPU tests: no log" in text
