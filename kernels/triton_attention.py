@@ -167,6 +167,8 @@ def backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan: plan
     if plan.bwd == "short":
         if not plans.short_eligible(seq_len, head_dim):
             raise ValueError(f"the short backward cannot hold L = {seq_len}, head dim {head_dim} in one tile")
+        strides = tuple(s for t in (q, k, v, do, dq, dk, dv) for s in _strides(t))  # no O: Delta from the tile
+        args = (q, k, v, do, lse, dq, dk, dv, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E, scale)
         tiles = tiles or plans.short_tiles(seq_len, head_dim)
         block = dict(BLOCK_L=plans.short_block(seq_len))
         return [Launch("short", triton_v2._bwd_short_kernel, (batch * heads,), args, {**dims, **block}, tiles)]

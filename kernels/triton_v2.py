@@ -9,8 +9,9 @@ Against v1 (``kernels/triton_v1.py``, still selectable):
 - **One key loop.** Every program walks its key (or row) range in a single pipelined loop; the
   score mask is computed only in boundary blocks (first block when a rule hides the prefix, last
   block at ``S``, and row blocks that reach the query rows), chosen by a scalar test per block.
-- **Backward.** ``short`` (L <= 128): one program per head loads Q, K, V, O, dO once and computes
-  Delta, dQ, dK, dV from one score tile: five matrix products, no recomputation, no atomics.
+- **Backward.** ``short`` (L <= 128): one program per head loads Q, K, V, dO once and computes
+  Delta (from the tile: O is not needed), dQ, dK, dV from one score tile: five matrix products, no
+  recomputation, no atomics.
   ``fused`` (any L): one launch. Programs ``[0, n)`` of a head own a key block and produce its
   dK/dV; programs ``[n, 2n)`` own a row block and produce its dQ. Delta = rowsum(dO * O) is computed
   where it is needed (no separate pass). No atomics: deterministic.
@@ -143,7 +144,6 @@ def _bwd_short_kernel(
     Q,
     K,
     V,
-    O,
     DO,
     LSE,
     DQ,
@@ -158,9 +158,6 @@ def _bwd_short_kernel(
     stride_vb,
     stride_vh,
     stride_vl,
-    stride_ob,
-    stride_oh,
-    stride_ol,
     stride_dob,
     stride_doh,
     stride_dol,
@@ -186,8 +183,10 @@ def _bwd_short_kernel(
     PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """The whole backward of one head whose L fits one ``BLOCK_L`` tile: every input read once,
-    one score tile, five products (dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q, S = Q K^T)."""
+    """The whole backward of one head whose L fits one ``BLOCK_L`` tile: q, k, v, dO read once, one
+    score tile, five products (S = Q K^T, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q). With
+    every key of a row in the tile, Delta = rowsum(P * dP), as PyTorch's softmax backward computes
+    it: O is not read (7 tensors moved, not 8)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
@@ -202,12 +201,10 @@ def _bwd_short_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + idx[:, None] * stride_ql + offs_d[None, :], mask=mask, other=0.0)
     k = tl.load(K + b * stride_kb + h * stride_kh + idx[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + idx[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
-    o = tl.load(O + b * stride_ob + h * stride_oh + idx[:, None] * stride_ol + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(
         DO + b * stride_dob + h * stride_doh + idx[:, None] * stride_dol + offs_d[None, :], mask=mask, other=0.0
     )
     lse = tl.load(LSE + bh * seq_len + idx, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
 
     # Rows (axis 0) x keys (axis 1). Rows < S see [0, S); query rows [Q0, S) and, with +self, themselves.
     rows = idx[:, None]
@@ -219,7 +216,7 @@ def _bwd_short_kernel(
     p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
     dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
     dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * sm_scale
     tl.store(
