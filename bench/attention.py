@@ -2,18 +2,21 @@
 
     python -m bench.attention                         # real ViT shapes, bf16 + fp16, every rule (GPU)
     python -m bench.attention --sweep                 # also a sweep over L
-    python -m bench.attention --device cpu --tiny     # smoke test of the harness (no meaningful timings)
+    TRITON_INTERPRET=1 python -m bench.attention --device cpu --tiny   # smoke test of the harness
 
 Median time (CUDA events via triton.testing.do_bench, after warm-up, rotating through input sets
 larger than L2 so the cache is not what gets measured), TFLOP/s of the layout's useful work,
 achieved GB/s against the fewest bytes, peak extra memory, max error against float64, and each
-provider's time as a ratio to ours (> 1: ours is faster). Writes attention.md / .csv / .png under
-``bench/results/<date>_<device>/``.
+provider's time as a ratio to ours (> 1: ours is faster). The Markdown table and the CSV under
+``bench/results/<date>_<device>/`` are rewritten after every case, so a run cut short keeps what it
+measured. FlexAttention is compiled (once per shape and rule) and timed after every other provider
+of every case; if the compiled call fails it is timed uncompiled and labelled ``flex_eager``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -32,6 +35,30 @@ SWEEP_LENGTHS = (47, 128, 256, 512, 1024, 2048, 4096)
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CACHE_BYTES = 3 * 64 * 2**20  # rotate through at least this much input (H100/H200 L2: 50-60 MB)
+CPU_COMMAND = "TRITON_INTERPRET=1 python -m bench.attention --device cpu --tiny"
+FLEX = ("flex", "flex_eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    heads: int
+    num_raw: int
+    num_query: int
+    head_dim: int
+    rule: str
+    dtype: str
+    modes: tuple
+
+    @property
+    def layout(self) -> AttentionLayout:
+        if self.rule == "bidirectional":
+            return AttentionLayout(self.num_raw, self.num_query, 1, bidirectional=True)
+        return AttentionLayout(self.num_raw, self.num_query, 1, self.rule)
+
+    def label(self) -> str:
+        return f"{self.name} {self.rule} {self.dtype}"
 
 
 def input_sets(batch, heads, length, head_dim, dtype, device, count):
@@ -97,108 +124,136 @@ def peak_extra_mib(provider, q, k, v, do, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def run_case(name, batch, heads, R, Q, head_dim, rule, dtype_name, modes, device, compile_flex, report: Report):
-    layout = AttentionLayout(R, Q, 1, rule) if rule != "bidirectional" else AttentionLayout(R, Q, 1, bidirectional=True)
-    dtype, scale = DTYPES[dtype_name], head_dim**-0.5
+def run_case(case: Case, device, compile_flex: bool, report: Report, ours_ms: dict, only=None, skip=()) -> list[str]:
+    """Time the providers of ``case`` (those in ``only`` if given, none in ``skip``) and add a row per
+    provider and mode; ``ours_ms`` carries our times to rows added later (the flex pass)."""
+    layout = case.layout
+    dtype, scale = DTYPES[case.dtype], case.head_dim**-0.5
     providers, missing = make_providers(layout, scale, device, dtype, compile_flex)
-    set_bytes = 4 * batch * heads * layout.length * head_dim * torch.finfo(dtype).bits // 8
-    sets = input_sets(
-        batch,
-        heads,
-        layout.length,
-        head_dim,
-        dtype,
-        device,
-        count=max(2, min(6, math.ceil(CACHE_BYTES / set_bytes))) if device.type == "cuda" else 1,
-    )
+    fallback = providers.pop("flex_eager") if "flex" in providers else None  # timed if the compiled flex fails
+    set_bytes = 4 * case.batch * case.heads * layout.length * case.head_dim * torch.finfo(dtype).bits // 8
+    count = max(2, min(6, math.ceil(CACHE_BYTES / set_bytes))) if device.type == "cuda" else 1
+    sets = input_sets(case.batch, case.heads, layout.length, case.head_dim, dtype, device, count)
     q, k, v, do = sets[0]
     q0, k0, v0 = (t.detach() for t in (q, k, v))
     truth = reference_attention(q0.double(), k0.double(), v0.double(), layout, scale)
-    for provider_name, why in missing.items():
-        report.note(f"{name} {rule} {dtype_name}: {provider_name} skipped ({why})")
-    for mode in modes:
+    if only is None:
+        for provider_name, why in missing.items():
+            report.note(f"{case.label()}: {provider_name} skipped ({why})")
+    names = [n for n in providers if (only is None or n in only) and n not in skip]
+    progress = []
+    for mode in case.modes:
         times = {}
-        for provider_name, provider in providers.items():
+        for name in names:
             try:
-                times[provider_name] = benchmark_provider(provider, sets, mode, device)
+                times[name] = benchmark_provider(providers[name], sets, mode, device)
             except Exception as error:  # noqa: BLE001 - a peer that fails on this case is reported, not fatal
-                report.note(
-                    f"{name} {rule} {dtype_name} {mode}: {provider_name} failed: {type(error).__name__}: {error}"
-                )
-        for provider_name, ms in times.items():
-            provider = providers[provider_name]
+                report.note(f"{case.label()} {mode}: {name} failed: {type(error).__name__}: {str(error)[:300]}")
+                if name == "flex" and fallback is not None:  # the uncompiled peer, labelled as such
+                    providers["flex_eager"] = fallback
+                    times["flex_eager"] = benchmark_provider(fallback, sets, mode, device)
+        if "ours" in times:
+            ours_ms[(case, mode)] = times["ours"]
+        for name, ms in times.items():
+            provider = providers[name]
             with torch.no_grad():
-                error = (
-                    float("nan")
-                    if provider_name == "full_sdpa"
-                    else (provider(q0, k0, v0).double() - truth).abs().max().item()
-                )
+                error = math.nan if name == "full_sdpa" else (provider(q0, k0, v0).double() - truth).abs().max().item()
             report.add(
                 dict(
-                    shape=name,
-                    batch=batch,
-                    heads=heads,
+                    shape=case.name,
+                    batch=case.batch,
+                    heads=case.heads,
                     L=layout.length,
-                    R=R,
-                    Q=Q,
-                    D=head_dim,
-                    rule=rule,
-                    dtype=dtype_name,
+                    R=case.num_raw,
+                    Q=case.num_query,
+                    D=case.head_dim,
+                    rule=case.rule,
+                    dtype=case.dtype,
                     mode=mode,
-                    provider=provider_name,
+                    provider=name,
                     ms=ms,
-                    tflops=attention_flops(layout, batch, heads, head_dim, mode) / (ms * 1e-3) / 1e12,
-                    gbps=attention_bytes(batch, heads, layout.length, head_dim, torch.finfo(dtype).bits // 8, mode)
+                    tflops=attention_flops(layout, case.batch, case.heads, case.head_dim, mode) / (ms * 1e-3) / 1e12,
+                    gbps=attention_bytes(
+                        case.batch, case.heads, layout.length, case.head_dim, torch.finfo(dtype).bits // 8, mode
+                    )
                     / (ms * 1e-3)
                     / 1e9,
                     peak_mib=peak_extra_mib(provider, q, k, v, do, device) if mode == "fwd+bwd" else float("nan"),
                     max_err=error,
-                    ratio_to_ours=ms / times["ours"] if "ours" in times else float("nan"),
+                    ratio_to_ours=ms / ours_ms[(case, mode)] if (case, mode) in ours_ms else float("nan"),
                 )
             )
+        if times:
+            progress.append(f"{mode} " + " ".join(f"{n} {ms:.3f}" for n, ms in times.items()))
+    return progress
+
+
+def make_cases(args) -> list[Case]:
+    shapes = TINY_SHAPES if args.tiny else {k: VIT_SHAPES[k] for k in args.shapes}
+    dtypes = ["fp32"] if args.tiny else args.dtypes
+    cases = [
+        Case(name, *shape, rule, dtype_name, tuple(args.modes))
+        for name, shape in shapes.items()
+        for dtype_name in dtypes
+        for rule in args.rules
+    ]
+    if args.sweep and not args.tiny:
+        for length in SWEEP_LENGTHS:
+            batch = max(1, SWEEP_TOKENS // length)
+            cases.append(Case(f"sweep_L{length}", batch, 6, length - 10, 10, 64, "prefix+raw", "bf16", ("fwd+bwd",)))
+    return cases
 
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes only (CPU smoke test)")
-    parser.add_argument("--shapes", nargs="+", choices=sorted(VIT_SHAPES), default=sorted(VIT_SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=sorted(VIT_SHAPES), default=list(VIT_SHAPES))
     parser.add_argument(
         "--rules", nargs="+", choices=list(QUERY_KEY_RULES) + ["bidirectional"], default=list(QUERY_KEY_RULES)
     )
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"])
     parser.add_argument("--sweep", action="store_true", help="also sweep L at constant tokens (prefix+raw, bf16)")
+    parser.add_argument("--no_flex", action="store_true", help="skip FlexAttention (its compiles take the longest)")
+    parser.add_argument("--budget_s", type=float, default=math.inf, help="start no new case after this many seconds")
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("on CPU the Triton provider needs TRITON_INTERPRET=1 (set it before starting Python)")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cpu" and not interpreting:
+        raise SystemExit(f"on CPU the Triton kernel runs in the interpreter; the CPU smoke test is:\n  {CPU_COMMAND}")
+    if device.type == "cuda" and interpreting:
+        raise SystemExit("TRITON_INTERPRET=1 runs the kernels on the CPU: unset it to benchmark the GPU")
+    if interpreting and not args.tiny:
+        print("TRITON_INTERPRET=1: GPU-sized shapes would take hours in the interpreter; running the --tiny shapes")
+        args.tiny = True
 
     report = Report("attention", args.output_dir, device)
-    shapes = TINY_SHAPES if args.tiny else {k: VIT_SHAPES[k] for k in args.shapes}
-    dtypes = ["fp32"] if device.type == "cpu" else args.dtypes
     compile_flex = device.type == "cuda"
-    for name, (batch, heads, R, Q, head_dim) in shapes.items():
-        for dtype_name in dtypes:
-            for rule in args.rules:
-                run_case(name, batch, heads, R, Q, head_dim, rule, dtype_name, args.modes, device, compile_flex, report)
-    if args.sweep and not args.tiny:
-        for length in SWEEP_LENGTHS:
-            batch = max(1, SWEEP_TOKENS // length)
-            run_case(
-                f"sweep_L{length}",
-                batch,
-                6,
-                length - 10,
-                10,
-                64,
-                "prefix+raw",
-                "bf16",
-                ["fwd+bwd"],
-                device,
-                compile_flex,
-                report,
+    cases, ours_ms, start = make_cases(args), {}, time.time()
+    for i, case in enumerate(cases, 1):
+        if time.time() - start > args.budget_s:
+            report.note(f"budget of {args.budget_s:.0f} s reached: {len(cases) - i + 1} cases not measured")
+            break
+        case_start = time.time()
+        progress = run_case(case, device, compile_flex, report, ours_ms, skip=FLEX)
+        report.write(plot=False)
+        print(
+            f"[{i}/{len(cases)}] {case.label()}: {'; '.join(progress)} ms ({time.time() - case_start:.0f} s)",
+            flush=True,
+        )
+    if not args.no_flex:  # last: one compile per shape and rule, the slowest part of the run
+        for i, case in enumerate(c for c in cases if any(key[0] == c for key in ours_ms)):
+            if time.time() - start > args.budget_s:
+                report.note(f"budget of {args.budget_s:.0f} s reached before flex of {case.label()}")
+                break
+            case_start = time.time()
+            progress = run_case(case, device, compile_flex, report, ours_ms, only=FLEX)
+            report.write(plot=False)
+            print(
+                f"[flex {i + 1}] {case.label()}: {'; '.join(progress)} ms ({time.time() - case_start:.0f} s)",
+                flush=True,
             )
     return report.write(plot_x="L" if args.sweep else None)
 

@@ -1,41 +1,97 @@
 #!/usr/bin/env bash
-# The one GPU command: install without network, run the GPU tests and both benchmarks, print a summary.
-#   bash bench/gpu_check.sh            (at most 8 minutes on one H100/H200; writes under $OUT or bench/results/)
+# The one GPU command: from a bare H100/H200 (no network) to a tuned, tested, recorded verdict in at
+# most 7 minutes of wall time.
+#   bash bench/gpu_check.sh            # everything goes to $OUT (else bench/results/<date>_<gpu>/)
+#   bash bench/gpu_check.sh --dry-run  # print the stages and their budgets; run nothing
+#   bash bench/gpu_check.sh --only tune summary   # run only the named stages
+#
+# Stages run in order, each under `timeout` (SIGTERM at its budget, SIGKILL 2 s later), each with its
+# full log in OUT_DIR/<stage>.log and a status line in OUT_DIR/stages.txt. Every stage writes its
+# results as it goes (the benchmark after every case, the tuner after every key), so a stage that hangs
+# or is cut short loses only what it had not finished; later stages still run. The short summary is
+# printed last (and kept as OUT_DIR/summary.txt). Exit status: 0 when every stage succeeded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-bench/results}/$(date -u +%Y-%m-%d)_gpu-check"
+PY="${PYTHON:-python3}"
+DRY_RUN=0
+ONLY=""
+case "${1:-}" in
+  --dry-run) DRY_RUN=1 ;;
+  --only) shift; ONLY=" $* " ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry-run | --only STAGE...]" >&2; exit 2 ;;
+esac
+
+gpu_name="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+gpu_slug="$(printf '%s' "${gpu_name:-gpu}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
+OUT_DIR="${OUT:-bench/results/$(date -u +%Y-%m-%d)_${gpu_slug}}"
+
+# pytest-xdist and pytest-timeout are expected on the GPU machine; without them the tests run serially
+# and only the stage's own timeout bounds them.
+test_flags="-v -p no:cacheprovider -rfE"  # one line per test: a run cut short still shows what passed
+$PY -c "import xdist" 2>/dev/null && test_flags+=" -n 4"
+$PY -c "import pytest_timeout" 2>/dev/null && test_flags+=" --timeout 60"
+# GPU-marked tests (real shapes, each backward variant, determinism, autotune with a few configs, the
+# interpreter's cases in bf16 last), plus the fp32 accuracy and head-dim tests, which run on CUDA too.
+tests="tests/test_triton_attention.py -k 'gpu or fp32_attention or head_dims'"
+
+# name | budget in seconds | command. Budgets sum to 400 s; with the kill grace, at most 416 s.
+STAGES=(
+  "install|20|$PY -m pip install --no-deps --no-build-isolation -q -e ."
+  "versions|10|$PY -c 'import torch, triton, timm; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, timm.__version__)'; nvidia-smi"
+  "precompile|55|$PY -m bench.tune --precompile_only --jobs 16"
+  "benchmark|110|$PY -m bench.attention --rules prefix+raw raw+self --dtypes bf16 --modes fwd fwd+bwd --budget_s 95 --output_dir '$OUT_DIR'"
+  "tune|85|$PY -m bench.tune --skip_precompile --budget_s 70 --output_dir '$OUT_DIR'"
+  "gpu_tests|70|$PY -m pytest $tests $test_flags"
+  "train_step|40|$PY -m bench.train_step --steps 10 --output_dir '$OUT_DIR'"
+  "summary|10|$PY -m bench.report summary '$OUT_DIR'"
+)
+BUDGET_LIMIT_S=420
+
+total=0
+for stage in "${STAGES[@]}"; do
+  IFS='|' read -r _ budget _ <<< "$stage"
+  total=$((total + budget))
+done
+if ((total + 2 * ${#STAGES[@]} > BUDGET_LIMIT_S)); then
+  echo "stage budgets sum to ${total} s (+2 s kill grace each): over the ${BUDGET_LIMIT_S} s limit" >&2
+  exit 2
+fi
+
+if ((DRY_RUN)); then
+  echo "output: $OUT_DIR"
+  for stage in "${STAGES[@]}"; do
+    IFS='|' read -r name budget command <<< "$stage"
+    printf '%-11s %4d s  %s\n' "$name" "$budget" "$command"
+  done
+  echo "total: ${total} s of ${BUDGET_LIMIT_S} s"
+  exit 0
+fi
+
 mkdir -p "$OUT_DIR"
-python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -n 2
-python3 - <<'PY' | tee "$OUT_DIR/versions.txt"
-import torch, triton, timm
-print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  timm {timm.__version__}")
-PY
-
+: > "$OUT_DIR/stages.txt"
 status=0
-# Budget (one H100/H200, 8 minutes in all): GPU tests 3.5 min, kernel benchmark 3 min, train step 1 min.
-timeout 210 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tail -n 25 | tee "$OUT_DIR/gpu_tests.txt" || status=1
-timeout 180 python3 -m bench.attention --rules prefix+raw raw+self --dtypes bf16 --output_dir "$OUT_DIR" 2>&1 | tail -n 3 || status=1
-timeout 70 python3 -m bench.train_step --steps 10 --output_dir "$OUT_DIR" 2>&1 | tail -n 3 || status=1
-
-python3 - "$OUT_DIR" <<'PY'
-import csv, os, sys
-out = sys.argv[1]
-path = os.path.join(out, "attention.csv")
-if os.path.exists(path):
-    rows = list(csv.DictReader(open(path)))
-    print(f"\n{rows[0]['device']}  torch {rows[0]['torch']}  triton {rows[0]['triton']}")
-    print(f"{'shape':18} {'rule':16} {'dtype':5} {'mode':8} " + " ".join(f"{p:>11}" for p in ("ours", "sdpa_mask", "sdpa_sliced", "flex", "paper", "full_sdpa")))
-    cases = {}
-    for r in rows:
-        cases.setdefault((r["shape"], r["rule"], r["dtype"], r["mode"]), {})[r["provider"]] = float(r["ms"])
-    for (shape, rule, dtype, mode), t in cases.items():
-        cells = " ".join(f"{t[p]:8.3f}ms" if p in t else f"{'—':>11}" for p in ("ours", "sdpa_mask", "sdpa_sliced", "flex", "paper", "full_sdpa"))
-        print(f"{shape:18} {rule:16} {dtype:5} {mode:8} {cells}")
-path = os.path.join(out, "train_step.csv")
-if os.path.exists(path):
-    print()
-    for r in csv.DictReader(open(path)):
-        print(f"train step {r['variant']:9} {float(r['step_ms']):8.1f} ms  {float(r['time_vs_dino']):.3f}x DINO  "
-              f"memory {float(r['memory_vs_dino']):.3f}x")
-PY
+for stage in "${STAGES[@]}"; do
+  IFS='|' read -r name budget command <<< "$stage"
+  [[ -n "$ONLY" && "$ONLY" != *" $name "* ]] && continue
+  start=$(date +%s)
+  if [[ "$name" == "summary" ]]; then
+    timeout -k 2 "$budget" bash -c "$command" 2>&1 | tee "$OUT_DIR/summary.txt"
+    rc=${PIPESTATUS[0]}
+  else
+    timeout -k 2 "$budget" bash -c "$command" > "$OUT_DIR/$name.log" 2>&1
+    rc=$?
+  fi
+  took=$(($(date +%s) - start))
+  case $rc in
+    0) result="ok" ;;
+    124 | 137) result="TIMEOUT" ;;
+    *) result="FAILED (exit $rc)" ;;
+  esac
+  ((rc != 0)) && status=1
+  line="$name $result ${took}/${budget} s"
+  echo "$line" >> "$OUT_DIR/stages.txt"
+  [[ "$name" != "summary" ]] && echo "$line: $(tail -n 1 "$OUT_DIR/$name.log" 2>/dev/null | cut -c1-150)"
+done
+# The tuned table for this GPU, to check in as kernels/tiles/<gpu>.json, is under $OUT_DIR/tiles/.
 exit $status

@@ -2,11 +2,14 @@
 
 Each provider maps ``(q, k, v)`` ``[B, H, L, D]`` to ``[B, H, L, D]`` under the layout, except
 ``full_sdpa``: unmasked attention, a different function kept only as the speed floor of a mask-free
-flash kernel. ``make_providers`` returns those that can run here (with a reason for each that can't).
+flash kernel. ``make_providers`` returns those that can run here (with a reason for each that can't);
+``flex_eager`` is FlexAttention without compilation: the peer where flex is not compiled (CPU), and
+the fallback the benchmark times when the compiled one fails.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -72,10 +75,14 @@ def make_providers(
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         block_mask = create_block_mask(flex_mask_mod(layout), None, None, layout.length, layout.length, device=device)
-        flex = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
-        # Short sequences would otherwise take the decoding kernel, which is not what training uses.
-        options = {"FORCE_USE_FLEX_ATTENTION": True} if compile_flex else None
-        providers["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
+        if compile_flex:
+            flex = compiled_flex()
+            # Short sequences would otherwise take the decoding kernel, which is not what training uses.
+            options = {"FORCE_USE_FLEX_ATTENTION": True}
+            providers["flex"] = lambda q, k, v: flex(
+                q, k, v, block_mask=block_mask, scale=scale, kernel_options=options
+            )
+        providers["flex_eager"] = lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     except Exception as error:  # noqa: BLE001 - any failure to build the peer means "not available here"
         missing["flex"] = f"FlexAttention unavailable: {type(error).__name__}: {error}"
 
@@ -95,6 +102,23 @@ def make_providers(
 
     providers["full_sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale)
     return providers, missing
+
+
+@functools.cache
+def compiled_flex():
+    """``flex_attention`` under ``torch.compile``, one compiled function for every case. Each shape,
+    rule and grad mode is a recompile, so the recompile limit (8 by default) is raised; and where
+    torch can, hitting it raises instead of silently running eager (the benchmark then labels the
+    peer ``flex_eager``)."""
+    import torch._dynamo.config as config
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 512))
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _xformers_bias(layout: AttentionLayout, q_dtype, device) -> torch.Tensor:

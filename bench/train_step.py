@@ -109,14 +109,16 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report = Report("train_step", args.output_dir, device)
-    rows = [time_variant(v, args.tiny, args.steps, device, args.loss_backend) for v in args.variants]
     report.note(f"fused loss row operations: backend={args.loss_backend!r} (auto: {AUTO_BACKEND})")
-    dino = next((r for r in rows if r["variant"] == "dino"), None)
-    for row in rows:
+    dino = None
+    for variant in args.variants:  # the table is rewritten after every variant: a cut-short run keeps it
+        row = time_variant(variant, args.tiny, args.steps, device, args.loss_backend)
+        dino = row if variant == "dino" else dino
         row["time_vs_dino"] = row["step_ms"] / dino["step_ms"] if dino else float("nan")
         row["memory_vs_dino"] = row["peak_mib"] / dino["peak_mib"] if dino else float("nan")
         report.add(row)
-    return report.write()
+        report.write()
+    return report.output_dir
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """ADCLR attention and loss kernels, installed as ``adclr.kernels``.
 
 ``AttentionLayout`` defines who attends to whom; ``adclr_attention`` / ``adclr_attention_packed``
-run it on the fused Triton kernel (CUDA sm80+), exact SDPA, or the explicit reference.
-``dino_teacher_probs`` / ``dino_soft_cross_entropy_`` are the DINO loss's row operations (Triton on
-CUDA, PyTorch elsewhere) that ``adclr.fused_loss`` runs between the head's chunked matmuls.
+run it on the fused Triton kernel (CUDA sm80+), exact SDPA, or the explicit reference. Which kernel
+variant and tiles run, and whether ``auto`` prefers SDPA for a shape, comes from ``plans`` (per-GPU
+tuned tables under ``kernels/tiles/``, else built-in defaults). ``dino_teacher_probs`` /
+``dino_soft_cross_entropy_`` are the DINO loss's row operations (Triton on CUDA, PyTorch elsewhere)
+that ``adclr.fused_loss`` runs between the head's chunked matmuls.
 """
 
 from .attention import BACKENDS, adclr_attention, adclr_attention_packed, interpreter_enabled, triton_is_default

@@ -1,7 +1,10 @@
 """Public entry points: ``adclr_attention`` (``[B, H, L, D]``) and ``adclr_attention_packed`` (qkv).
 
-Inputs are checked here, before any kernel runs, and the backend is chosen: the fused Triton kernel on
-CUDA sm80+, exact SDPA everywhere else; ``reference`` is the explicit (slow) form.
+Inputs are checked here, before any kernel runs, and the backend is chosen. ``auto``: exact SDPA
+off CUDA, below sm80, for float64 and with dropout; on CUDA sm80+ the fastest exact path this GPU's
+tuned table measured for the call's head dim, sequence bucket, dtype, mask kind and mode (forward
+only, or forward + backward when a gradient is needed), which may be SDPA; without a table entry
+the fused Triton kernel. ``reference`` is the explicit (slow) form.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 
 import torch
 
+from . import plans
 from .layout import AttentionLayout
 from .reference import reference_attention
 from .sdpa import sdpa_attention
@@ -42,6 +46,22 @@ def _fused_kernel_supported(device_index: int) -> bool:
     except ImportError:
         return False
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+@functools.cache
+def _cuda_device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_name(device: torch.device) -> str:
+    """The name the tuned tables are keyed by (``torch.cuda.get_device_name``), asked once per device."""
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _tuned_choice(t: torch.Tensor, head_dim: int, layout: AttentionLayout, needs_grad: bool) -> str | None:
+    """``triton`` / ``sdpa`` where this GPU's tuned table measured the call's key, else None."""
+    mode = "fwd+bwd" if needs_grad else "fwd"
+    return plans.tuned_backend(device_name(t.device), layout.length, head_dim, t.dtype, layout.kernel_params, mode)
 
 
 def _check_backend(backend) -> None:
@@ -79,16 +99,19 @@ def _check_dropout(dropout_p) -> None:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
-def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: float) -> str:
+def _resolve_backend(
+    backend: str, t: torch.Tensor, head_dim: int, dropout_p: float, layout: AttentionLayout, needs_grad: bool
+) -> str:
     """Pick the backend for ``auto`` and reject requests the Triton kernel cannot serve."""
     if backend == "auto":
         fused = (
             triton_is_default(t.device)
             and t.dtype != torch.float64
             and dropout_p == 0
+            and head_dim <= MAX_TRITON_HEAD_DIM
             and not (t.dtype == torch.float32 and head_dim > MAX_TRITON_HEAD_DIM_FP32)
         )
-        return "triton" if fused else "sdpa"
+        return (_tuned_choice(t, head_dim, layout, needs_grad) or "triton") if fused else "sdpa"
     if backend == "triton":
         if dropout_p > 0:
             raise ValueError(f"backend='triton' does not implement attention dropout, got dropout_p={dropout_p}")
@@ -115,13 +138,19 @@ def _resolve_backend(backend: str, t: torch.Tensor, head_dim: int, dropout_p: fl
     return backend
 
 
-def _resolve_call(backend, dropout_p, scale, t: torch.Tensor, layout, length: int, what: str) -> tuple[str, float]:
+def _resolve_call(
+    backend, dropout_p, scale, t: torch.Tensor, layout, length: int, what: str, needs_grad: bool
+) -> tuple[str, float]:
     """The checks and choices both entry points share: ``(backend to run, scale)``."""
     _check_backend(backend)
     _check_dropout(dropout_p)
     _check_layout(layout, length, what)
     head_dim = t.shape[-1]
-    return _resolve_backend(backend, t, head_dim, dropout_p), _resolve_scale(scale, head_dim)
+    return _resolve_backend(backend, t, head_dim, dropout_p, layout, needs_grad), _resolve_scale(scale, head_dim)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def adclr_attention(
@@ -148,7 +177,8 @@ def adclr_attention(
         raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    backend, scale = _resolve_call(backend, dropout_p, scale, q, layout, q.shape[2], "q")
+    needs_grad = _needs_grad(q, k, v)
+    backend, scale = _resolve_call(backend, dropout_p, scale, q, layout, q.shape[2], "q", needs_grad)
     if backend == "triton":
         from .triton_attention import triton_attention
 
@@ -173,7 +203,7 @@ def adclr_attention_packed(
     _check_tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
-    backend, scale = _resolve_call(backend, dropout_p, scale, qkv, layout, qkv.shape[1], "qkv")
+    backend, scale = _resolve_call(backend, dropout_p, scale, qkv, layout, qkv.shape[1], "qkv", _needs_grad(qkv))
     if backend == "triton":
         from .triton_attention import triton_attention_packed
 

@@ -1,727 +1,90 @@
 """Fused ADCLR attention in Triton: raw self-attention and query->raw cross-attention in one pass.
 
-Tiers (as in Liger-Kernel): ``@triton.jit`` kernels -> launchers (``_forward`` / ``_backward``) ->
-``torch.library`` custom ops (opaque to ``torch.compile``) -> ``torch.autograd.Function``.
+Tiers (as in Liger-Kernel): ``@triton.jit`` kernels (``triton_v2.py``; ``triton_v1.py``, the first
+kernel, kept selectable) -> launchers (``forward_launches`` / ``backward_launches``, run by
+``_forward`` / ``_backward``) -> ``torch.library`` custom ops (opaque to ``torch.compile``) ->
+``torch.autograd.Function``.
 
 The block structure comes from ``AttentionLayout.kernel_params`` = ``(S, Q0, SELF)``: rows ``< S``
 see keys ``[0, S)``; rows ``>= S`` (query tokens) see ``[Q0, S)`` plus, when ``SELF``, their own key.
-Every key loop therefore covers only ``[0, S)``: blocks inside the range run without a mask, and only
-the first block (when ``Q0 > 0``) and the last (``S`` is never a multiple of the block) pay for one.
-The ``+self`` diagonal is one extra logit per query row, computed from that row's own k and v; no
-query-token K/V tile is ever loaded. Softmax runs online in fp32 with exp2; the forward saves the
-log-sum-exp (base 2) and the backward is FlashAttention-2's: ``Delta = rowsum(dO * O)``, then one
-kernel for dK/dV (one program per key block, no atomics: deterministic) and one for dQ.
+Key loops cover only ``[0, S)`` and mask only boundary blocks; the ``+self`` diagonal is one extra
+logit per query row; no query-token K/V tile is ever loaded. Softmax runs online in fp32 with exp2;
+the forward saves the base-2 log-sum-exp, which every backward variant reads. Which variant and tiles
+run is decided per call by ``plans.resolve_plan`` (tuned table of this GPU, else built-in defaults).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import triton
-import triton.language as tl
 
+from . import plans, triton_v1, triton_v2
 from .layout import AttentionLayout
 
 LOG2E = 1.4426950408889634
-# Lengths vary per call (197, 207, 47, ...): specialising on them (divisibility by 16) would compile a
-# new kernel for each; strides stay specialised, which keeps the loads vectorised.
-_RUNTIME_INTS = ["num_heads", "seq_len", "shared_keys", "query_key_start"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kl,
-    stride_vl,
-    start_n,
-    row_start,
-    shared_keys,
-    qk_scale,
-    offs_n,
-    offs_d,
-    d_ok,
-    MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One key block of the online softmax. ``MASKED`` blocks apply per-row key ranges."""
-    keys = start_n + offs_n
-    if MASKED:
-        key_ok = keys < shared_keys
-        kT = tl.load(
-            k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
-        )
-        v = tl.load(
-            v_base + keys[:, None] * stride_vl + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0
-        )
-    else:
-        kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    if MASKED:
-        allowed = (keys[None, :] >= row_start[:, None]) & key_ok[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _key_blocks(start_m, shared_keys, query_key_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key-block bounds for a row block: [lo, head) masked, [head, tail) unmasked, [tail, S) masked."""
-    has_raw_rows = start_m < shared_keys
-    has_query_rows = start_m + BLOCK_M > shared_keys
-    lo = tl.where(has_raw_rows, 0, (query_key_start // BLOCK_N) * BLOCK_N)
-    head = tl.where(has_query_rows, tl.cdiv(query_key_start, BLOCK_N) * BLOCK_N, 0)
-    head = tl.maximum(head, lo)
-    tail = tl.maximum((shared_keys // BLOCK_N) * BLOCK_N, head)
-    return lo, head, tail
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    stride_qb,
-    stride_qh,
-    stride_ql,
-    stride_kb,
-    stride_kh,
-    stride_kl,
-    stride_vb,
-    stride_vh,
-    stride_vl,
-    stride_ob,
-    stride_oh,
-    stride_ol,
-    num_heads,
-    seq_len,
-    shared_keys,
-    query_key_start,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    QUERY_SELF: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    start_m = tl.program_id(1) * BLOCK_M
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seq_len
-    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    is_query = offs_m >= shared_keys
-    row_start = tl.where(is_query, query_key_start, 0)
-
-    # A finite floor instead of -inf keeps rows whose keys all lie in a later block NaN-free.
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if QUERY_SELF:
-        # The diagonal logit of each query row seeds its online softmax.
-        has_self = is_query & row_ok
-        self_mask = has_self[:, None] & d_ok[None, :]
-        k_self = tl.load(k_base + offs_m[:, None] * stride_kl + offs_d[None, :], mask=self_mask, other=0.0)
-        v_self = tl.load(v_base + offs_m[:, None] * stride_vl + offs_d[None, :], mask=self_mask, other=0.0)
-        s_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), 1) * qk_scale
-        m_i = tl.where(has_self, s_self, m_i)
-        l_i = tl.where(has_self, 1.0, 0.0)
-        acc = tl.where(has_self[:, None], v_self.to(tl.float32), 0.0)
-
-    lo, head, tail = _key_blocks(start_m, shared_keys, query_key_start, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, head, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            stride_kl,
-            stride_vl,
-            start_n,
-            row_start,
-            shared_keys,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            True,
-            PRECISION,
-        )
-    for start_n in range(head, tail, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            stride_kl,
-            stride_vl,
-            start_n,
-            row_start,
-            shared_keys,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            False,
-            PRECISION,
-        )
-    for start_n in range(tail, shared_keys, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            stride_kl,
-            stride_vl,
-            start_n,
-            row_start,
-            shared_keys,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            True,
-            PRECISION,
-        )
-
-    out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["num_heads", "seq_len"])
-def _bwd_delta_kernel(
-    O,
-    DO,
-    DELTA,
-    stride_ob,
-    stride_oh,
-    stride_ol,
-    stride_dob,
-    stride_doh,
-    stride_dol,
-    num_heads,
-    seq_len,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """Delta_i = sum_d dO_id * O_id, the softmax-gradient correction of every row."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :], mask=mask, other=0.0
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
-
-
-@triton.jit
-def _bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_ql,
-    stride_dol,
-    start_m,
-    keys,
-    key_ok,
-    row_end,
-    shared_keys,
-    query_key_start,
-    qk_scale,
-    offs_m,
-    offs_d,
-    d_ok,
-    MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Contribution of one row block to a key block's dK and dV (transposed scores, FA-2)."""
-    rows = start_m + offs_m
-    if MASKED:
-        row_ok = rows < row_end
-        qT = tl.load(
-            q_base + rows[None, :] * stride_ql + offs_d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0
-        )
-        do = tl.load(
-            do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    else:
-        qT = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        lse = tl.load(lse_base + rows)
-        delta = tl.load(delta_base + rows)
-    sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
-    pT = tl.math.exp2(sT - lse[None, :])
-    if MASKED:
-        row_start = tl.where(rows >= shared_keys, query_key_start, 0)
-        allowed = key_ok[:, None] & row_ok[None, :] & (keys[:, None] >= row_start[None, :])
-        pT = tl.where(allowed, pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_ql,
-    stride_kb,
-    stride_kh,
-    stride_kl,
-    stride_vb,
-    stride_vh,
-    stride_vl,
-    stride_dob,
-    stride_doh,
-    stride_dol,
-    stride_dkb,
-    stride_dkh,
-    stride_dkl,
-    stride_dvb,
-    stride_dvh,
-    stride_dvl,
-    num_heads,
-    seq_len,
-    shared_keys,
-    query_key_start,
-    qk_scale,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    QUERY_SELF: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    start_n = tl.program_id(1) * BLOCK_N
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + pid_bh * seq_len
-    delta_base = DELTA + pid_bh * seq_len
-
-    offs_m = tl.arange(0, BLOCK_M)
-    keys = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    key_in = keys < seq_len
-    key_ok = keys < shared_keys
-    kv_mask = key_in[:, None] & d_ok[None, :]
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + keys[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Rows that see this key block: every raw row, and the query rows unless all keys precede Q0.
-    # Blocks of keys at or past S (query tokens) get no tile contribution at all.
-    row_end = tl.where(start_n + BLOCK_N <= query_key_start, shared_keys, seq_len)
-    row_end = tl.where(start_n < shared_keys, row_end, 0)
-    boundary = (start_n < query_key_start) | (start_n + BLOCK_N > shared_keys)
-    unmasked_end = tl.where(boundary, 0, (row_end // BLOCK_M) * BLOCK_M)
-    for start_m in range(0, unmasked_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            stride_ql,
-            stride_dol,
-            start_m,
-            keys,
-            key_ok,
-            row_end,
-            shared_keys,
-            query_key_start,
-            qk_scale,
-            offs_m,
-            offs_d,
-            d_ok,
-            False,
-            PRECISION,
-        )
-    for start_m in range(unmasked_end, row_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            stride_ql,
-            stride_dol,
-            start_m,
-            keys,
-            key_ok,
-            row_end,
-            shared_keys,
-            query_key_start,
-            qk_scale,
-            offs_m,
-            offs_d,
-            d_ok,
-            True,
-            PRECISION,
-        )
-
-    if QUERY_SELF:
-        # A query token's key is seen by its own row only: key j's gradient is row j's diagonal term.
-        is_qkey = (keys >= shared_keys) & key_in
-        diag_mask = is_qkey[:, None] & d_ok[None, :]
-        q_j = tl.load(q_base + keys[:, None] * stride_ql + offs_d[None, :], mask=diag_mask, other=0.0).to(tl.float32)
-        do_j = tl.load(do_base + keys[:, None] * stride_dol + offs_d[None, :], mask=diag_mask, other=0.0).to(tl.float32)
-        lse_j = tl.load(lse_base + keys, mask=is_qkey, other=0.0)
-        delta_j = tl.load(delta_base + keys, mask=is_qkey, other=0.0)
-        p = tl.math.exp2(tl.sum(q_j * k.to(tl.float32), 1) * qk_scale - lse_j)
-        p = tl.where(is_qkey, p, 0.0)
-        ds = p * (tl.sum(do_j * v.to(tl.float32), 1) - delta_j)
-        dv += p[:, None] * do_j
-        dk += ds[:, None] * q_j
-
-    dk *= sm_scale
-    tl.store(
-        DK + b * stride_dkb + h * stride_dkh + keys[:, None] * stride_dkl + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=kv_mask,
-    )
-    tl.store(
-        DV + b * stride_dvb + h * stride_dvh + keys[:, None] * stride_dvl + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=kv_mask,
-    )
-
-
-@triton.jit
-def _bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_kl,
-    stride_vl,
-    start_n,
-    row_start,
-    shared_keys,
-    qk_scale,
-    offs_n,
-    offs_d,
-    d_ok,
-    MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Contribution of one key block to a row block's dQ."""
-    keys = start_n + offs_n
-    if MASKED:
-        key_ok = keys < shared_keys
-        kT = tl.load(
-            k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
-        )
-        vT = tl.load(
-            v_base + keys[None, :] * stride_vl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
-        )
-    else:
-        kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-        vT = tl.load(v_base + keys[None, :] * stride_vl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-        allowed = (keys[None, :] >= row_start[:, None]) & key_ok[None, :]
-        p = tl.where(allowed, p, 0.0)
-    dp = tl.dot(do, vT, input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
-    return dq
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_ql,
-    stride_kb,
-    stride_kh,
-    stride_kl,
-    stride_vb,
-    stride_vh,
-    stride_vl,
-    stride_dob,
-    stride_doh,
-    stride_dol,
-    stride_dqb,
-    stride_dqh,
-    stride_dql,
-    num_heads,
-    seq_len,
-    shared_keys,
-    query_key_start,
-    qk_scale,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    QUERY_SELF: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    start_m = tl.program_id(1) * BLOCK_M
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seq_len
-    row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_mask, other=0.0
-    )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_mask, other=0.0
-    )
-    lse = tl.load(LSE + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
-    is_query = offs_m >= shared_keys
-    row_start = tl.where(is_query, query_key_start, 0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    lo, head, tail = _key_blocks(start_m, shared_keys, query_key_start, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, head, BLOCK_N):
-        dq = _bwd_dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kl,
-            stride_vl,
-            start_n,
-            row_start,
-            shared_keys,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            True,
-            PRECISION,
-        )
-    for start_n in range(head, tail, BLOCK_N):
-        dq = _bwd_dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kl,
-            stride_vl,
-            start_n,
-            row_start,
-            shared_keys,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            False,
-            PRECISION,
-        )
-    for start_n in range(tail, shared_keys, BLOCK_N):
-        dq = _bwd_dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kl,
-            stride_vl,
-            start_n,
-            row_start,
-            shared_keys,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            True,
-            PRECISION,
-        )
-
-    if QUERY_SELF:
-        has_self = is_query & row_ok
-        self_mask = has_self[:, None] & d_ok[None, :]
-        k_self = tl.load(k_base + offs_m[:, None] * stride_kl + offs_d[None, :], mask=self_mask, other=0.0).to(
-            tl.float32
-        )
-        v_self = tl.load(v_base + offs_m[:, None] * stride_vl + offs_d[None, :], mask=self_mask, other=0.0).to(
-            tl.float32
-        )
-        p = tl.math.exp2(tl.sum(q.to(tl.float32) * k_self, 1) * qk_scale - lse)
-        p = tl.where(has_self, p, 0.0)
-        ds = p * (tl.sum(do.to(tl.float32) * v_self, 1) - delta)
-        dq += ds[:, None] * k_self
-
-    dq *= sm_scale
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=row_mask,
-    )
+MAX_PROGRAMS = 2**31 - 1  # one grid axis
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-# Tiles. Under the CPU interpreter: small fixed blocks (it runs one program at a time; 32 exercises the
-# boundary and interior paths of short test sequences). On a GPU: a table by head dim, sized for the
-# shared memory of sm70 (96 KB) upwards; ADCLR_AUTOTUNE=1 autotunes over a few configurations
-# instead, once per (head dim, rule, dtype): the sequence length is not part of the key, so a new L
-# does not retune.
-_INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32)
-# head dim bound -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels.
-_TILE_TABLE = {  # 8 warps: with 4, these tiles hit 255 registers and spill (bench/compile_check.py, sm90)
-    "fwd": ((64, (128, 64, 8, 3)), (128, (64, 64, 8, 2)), (256, (64, 32, 8, 2))),
-    "dkdv": ((64, (64, 64, 8, 3)), (128, (64, 32, 8, 2)), (256, (32, 32, 8, 2))),
-    "dq": ((64, (64, 64, 8, 3)), (128, (64, 32, 8, 2)), (256, (32, 32, 8, 2))),
-}
-# fp32 operands are twice the bytes and their exact products (tf32x3 / FMA) need more registers:
-# the half-precision tiles would take 160 KB of shared memory and spill kilobytes per thread.
-_FP32_TILE_TABLE = {  # head dims up to 128 (the public API refuses larger fp32 ones)
-    "fwd": ((64, (64, 32, 4, 2)), (128, (32, 32, 8, 2))),
-    "dkdv": ((64, (64, 32, 8, 2)), (128, (32, 32, 8, 2))),
-    "dq": ((64, (32, 32, 4, 2)), (128, (32, 32, 8, 2))),
-}
+
+def _autotune_configs(tiles):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-def _table_tiles(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
-    table = _FP32_TILE_TABLE if dtype == torch.float32 else _TILE_TABLE
-    for bound, (block_m, block_n, warps, stages) in table[kind]:
-        if head_dim <= bound:
-            return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    raise ValueError(f"head dim {head_dim} exceeds the largest the tile table covers for {dtype}")
+def _fused_configs(tiles):
+    return [triton.Config({"BLOCK_OWN": m, "BLOCK_STEP": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-def _autotune_configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-_TUNE_KEY = ["BLOCK_D", "QUERY_SELF"]  # the autotuner adds the tensor dtypes itself
+# ADCLR_AUTOTUNE=1: the autotuner picks tiles once per (head dim, rule, dtype and, for v2, sequence bucket)
+# instead of the tables; it tries the first few of the tuner's candidates (spill-free on sm90/sm80 at D <= 64).
+_V1_KEY = ["BLOCK_D", "QUERY_SELF"]  # v1 predates the bucket (the autotuner adds the dtypes itself)
+_V2_KEY = ["BLOCK_D", "QUERY_SELF", "seq_bucket"]
+_AUTOTUNE_COUNT = 3
 _AUTOTUNED = {
-    "fwd": triton.autotune(
-        _autotune_configs(
-            [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
-        ),
-        key=_TUNE_KEY,
-    )(_fwd_kernel),
-    "dkdv": triton.autotune(
-        _autotune_configs([(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4)]),
-        key=_TUNE_KEY,
-    )(_bwd_dkdv_kernel),
-    "dq": triton.autotune(
-        _autotune_configs([(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]), key=_TUNE_KEY
-    )(_bwd_dq_kernel),
+    "v1_fwd": triton.autotune(_autotune_configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]), key=_V1_KEY)(
+        triton_v1._fwd_kernel
+    ),
+    "v1_dkdv": triton.autotune(_autotune_configs([(64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 4)]), key=_V1_KEY)(
+        triton_v1._bwd_dkdv_kernel
+    ),
+    "v1_dq": triton.autotune(_autotune_configs([(64, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 4)]), key=_V1_KEY)(
+        triton_v1._bwd_dq_kernel
+    ),
+    "v2_fwd": triton.autotune(
+        _autotune_configs(dataclasses.astuple(t) for t in plans.FWD_CANDIDATES[:_AUTOTUNE_COUNT]), key=_V2_KEY
+    )(triton_v2._fwd_kernel),
+    "fused": triton.autotune(
+        _fused_configs(dataclasses.astuple(t) for t in plans.FUSED_CANDIDATES[:_AUTOTUNE_COUNT]), key=_V2_KEY
+    )(triton_v2._bwd_fused_kernel),
 }
-_PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, built apart from running it so that ``bench/compile_check.py`` compiles
+    exactly the arguments a real call passes (and so specialises to)."""
 
+    name: str
+    kernel: object  # a JITFunction, or an Autotuner when ``tiles`` is None
+    grid: tuple | Callable
+    args: tuple
+    constexprs: dict
+    tiles: plans.Tiles | None
 
-def _launch(kind: str, grid, t: torch.Tensor, *args, **kwargs) -> None:
-    """Launch kernel ``kind`` with the interpreter's tiles, the GPU table's, or autotuned ones."""
-    if _interpreting(t):
-        _PLAIN[kind][grid](*args, **kwargs, **_INTERPRETER_TILES)
-    elif os.environ.get("ADCLR_AUTOTUNE", "0") == "1":
-        _AUTOTUNED[kind][grid](*args, **kwargs)
-    else:
-        _PLAIN[kind][grid](*args, **kwargs, **_table_tiles(kind, t.shape[-1], t.dtype))
+    def launch_kwargs(self) -> dict:
+        if self.tiles is None:
+            return dict(self.constexprs)
+        return {**self.constexprs, "num_warps": self.tiles.num_warps, "num_stages": self.tiles.num_stages}
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.launch_kwargs())
 
 
 def _strides(t: torch.Tensor):
@@ -738,109 +101,181 @@ def dot_precision(dtype: torch.dtype, capability: tuple[int, int] | None) -> str
     return "tf32x3" if capability is not None and capability >= (8, 0) else "ieee"
 
 
-def _dims(q: torch.Tensor, query_self: bool):
+def _dims(q: torch.Tensor, query_self: bool, capability) -> dict:
     head_dim = q.shape[-1]
-    capability = None if _interpreting(q) else torch.cuda.get_device_capability(q.device)
     return dict(
         HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=plans.block_d(head_dim),
         QUERY_SELF=query_self,
         PRECISION=dot_precision(q.dtype, capability),
     )
+
+
+def _check_grid(programs: int) -> int:
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"B * H * blocks = {programs} exceeds the {MAX_PROGRAMS} programs of one grid axis")
+    return programs
+
+
+def _v1_tiles(kind: str, q: torch.Tensor, capability) -> plans.Tiles:
+    if capability is None:
+        return plans.INTERPRETER_TILES
+    return plans.v1_tiles(kind, q.shape[-1], q.dtype)
+
+
+def _bucket_index(seq_len: int) -> int:
+    return plans.BUCKET_NAMES.index(plans.seq_bucket(seq_len))
+
+
+def forward_launches(q, k, v, o, lse, params, scale: float, plan: plans.Plan, capability) -> list[Launch]:
+    """The launches that write ``o`` (``[B, H, L, D]`` view) and the base-2 log-sum-exp ``lse``
+    (fp32 ``[B*H, L]``). ``capability`` None means the CPU interpreter."""
+    shared_keys, query_key_start, query_self = params
+    batch, heads, seq_len, _ = q.shape
+    dims = _dims(q, query_self, capability)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
+    layout_args = (heads, seq_len, shared_keys, query_key_start)
+    if plan.fwd == "v1":
+        autotuned = plans.autotune_enabled() and capability is not None
+        kernel = _AUTOTUNED["v1_fwd"] if autotuned else triton_v1._fwd_kernel
+        tiles = None if autotuned else _v1_tiles("fwd", q, capability)
+        args = (q, k, v, o, lse, *strides, *layout_args, scale * LOG2E)
+        grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+        blocks = {} if tiles is None else dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
+        return [Launch("v1_fwd", kernel, grid, args, {**dims, **blocks}, tiles)]
+    tiles = plan.fwd_tiles
+    args = (q, k, v, o, lse, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E)
+    grid = lambda meta: (_check_grid(triton.cdiv(seq_len, meta["BLOCK_M"]) * batch * heads),)  # noqa: E731
+    if tiles is None:
+        return [Launch("v2_fwd", _AUTOTUNED["v2_fwd"], grid, args, dims, None)]
+    blocks = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
+    return [Launch("v2_fwd", triton_v2._fwd_kernel, grid, args, {**dims, **blocks}, tiles)]
+
+
+def backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan: plans.Plan, capability) -> list[Launch]:
+    """The launches that write dQ, dK, dV (``[B, H, L, D]`` views) for the forward that produced
+    ``o`` and ``lse``."""
+    shared_keys, query_key_start, query_self = params
+    batch, heads, seq_len, head_dim = q.shape
+    dims = _dims(q, query_self, capability)
+    layout_args = (heads, seq_len, shared_keys, query_key_start)
+    if plan.bwd == "v1":
+        return _v1_backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, capability)
+    strides = tuple(s for t in (q, k, v, o, do, dq, dk, dv) for s in _strides(t))
+    args = (q, k, v, o, do, lse, dq, dk, dv, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E, scale)
+    tiles = plan.bwd_tiles
+    if plan.bwd == "short":
+        if not plans.short_eligible(seq_len, head_dim):
+            raise ValueError(f"the short backward cannot hold L = {seq_len}, head dim {head_dim} in one tile")
+        strides = tuple(s for t in (q, k, v, do, dq, dk, dv) for s in _strides(t))  # no O: Delta from the tile
+        args = (q, k, v, do, lse, dq, dk, dv, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E, scale)
+        tiles = tiles or plans.short_tiles(seq_len, head_dim)
+        block = dict(BLOCK_L=plans.short_block(seq_len))
+        return [Launch("short", triton_v2._bwd_short_kernel, (batch * heads,), args, {**dims, **block}, tiles)]
+    grid = lambda meta: (_check_grid(2 * triton.cdiv(seq_len, meta["BLOCK_OWN"]) * batch * heads),)  # noqa: E731
+    if tiles is None:
+        return [Launch("fused", _AUTOTUNED["fused"], grid, args, dims, None)]
+    blocks = dict(BLOCK_OWN=tiles.block_m, BLOCK_STEP=tiles.block_n)
+    return [Launch("fused", triton_v2._bwd_fused_kernel, grid, args, {**dims, **blocks}, tiles)]
+
+
+def _v1_backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, capability) -> list[Launch]:
+    """v1: Delta = rowsum(dO * O), then dK/dV by key block and dQ by row block (three launches)."""
+    shared_keys, query_key_start, query_self = params
+    batch, heads, seq_len, head_dim = q.shape
+    dims = _dims(q, query_self, capability)
+    delta = torch.empty_like(lse)
+    delta_block = 32 if capability is None else 64
+    launches = [
+        Launch(
+            "v1_delta",
+            triton_v1._bwd_delta_kernel,
+            (batch * heads, triton.cdiv(seq_len, delta_block)),
+            (o, do, delta, *_strides(o), *_strides(do), heads, seq_len),
+            dict(HEAD_DIM=head_dim, BLOCK_D=dims["BLOCK_D"], BLOCK_M=delta_block),
+            plans.Tiles(0, 0, 4, 1),
+        )
+    ]
+    layout_args = (heads, seq_len, shared_keys, query_key_start, scale * LOG2E, scale)
+    autotuned = plans.autotune_enabled() and capability is not None
+    for kind, out_strides, grid_block in (
+        ("dkdv", (*_strides(dk), *_strides(dv)), "BLOCK_N"),
+        ("dq", _strides(dq), "BLOCK_M"),
+    ):
+        tiles = None if autotuned else _v1_tiles(kind, q, capability)
+        outputs = (dk, dv) if kind == "dkdv" else (dq,)
+        args = (q, k, v, do, lse, delta, *outputs, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
+        args = (*args, *out_strides, *layout_args)
+        grid = functools.partial(_v1_grid, batch * heads, seq_len, grid_block)
+        blocks = {} if tiles is None else dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
+        kernel = _AUTOTUNED[f"v1_{kind}"] if autotuned else getattr(triton_v1, f"_bwd_{kind}_kernel")
+        launches.append(Launch(f"v1_{kind}", kernel, grid, args, {**dims, **blocks}, tiles))
+    return launches
+
+
+def _v1_grid(heads_total: int, seq_len: int, block: str, meta) -> tuple[int, int]:
+    return heads_total, triton.cdiv(seq_len, meta[block])
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+@functools.cache
+def _device_info(index: int) -> tuple[str, tuple[int, int]]:
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+
+
+def _call_context(q: torch.Tensor, params) -> tuple[plans.Plan, tuple[int, int] | None]:
+    """The plan and the target capability (None: the interpreter) of a call."""
+    _, _, seq_len, head_dim = q.shape
+    if _interpreting(q):
+        return plans.resolve_plan(seq_len, head_dim, q.dtype, params, None), None
+    name, capability = _device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return plans.resolve_plan(seq_len, head_dim, q.dtype, params, name), capability
+
+
+def _forward(q, k, v, o, lse, shared_keys: int, query_key_start: int, query_self: bool, scale: float) -> None:
+    """Write the output into ``o`` (a ``[B, H, L, D]`` view) and the base-2 log-sum-exp into ``lse``."""
+    params = (shared_keys, query_key_start, query_self)
+    plan, capability = _call_context(q, params)
+    for launch in forward_launches(q, k, v, o, lse, params, scale, plan, capability):
+        launch()
+
+
+def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start: int, query_self: bool, scale: float):
+    """Write dQ, dK, dV (``[B, H, L, D]`` views) for the forward that produced ``o`` and ``lse``."""
+    params = (shared_keys, query_key_start, query_self)
+    plan, capability = _call_context(q, params)
+    for launch in backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan, capability):
+        launch()
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, o, lse, shared_keys: int, query_key_start: int, query_self: bool, scale: float) -> None:
-    """Write the output into ``o`` (a ``[B, H, L, D]`` view) and the base-2 log-sum-exp into ``lse``
-    (fp32 ``[B*H, L]``)."""
-    batch, heads, seq_len, _ = q.shape
-    grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
-    _launch(
-        "fwd",
-        grid,
-        q,
-        q,
-        k,
-        v,
-        o,
-        lse,
-        *_strides(q),
-        *_strides(k),
-        *_strides(v),
-        *_strides(o),
-        heads,
-        seq_len,
-        shared_keys,
-        query_key_start,
-        scale * LOG2E,
-        **_dims(q, query_self),
-    )
-
-
-def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start: int, query_self: bool, scale: float):
-    """Write dQ, dK, dV (``[B, H, L, D]`` views) for the forward that produced ``o`` and ``lse``."""
+def forward_outputs(q: torch.Tensor, seq_major: bool):
+    """``(o, o_view, lse)``: ``o`` is ``[B, L, H, D]`` when ``seq_major`` (what a ViT block consumes)
+    else ``[B, H, L, D]``; ``o_view`` is its ``[B, H, L, D]`` view."""
     batch, heads, seq_len, head_dim = q.shape
-    dims = _dims(q, query_self)
-    delta = torch.empty_like(lse)
-    delta_block = 32 if _interpreting(q) else 64
-    _bwd_delta_kernel[(batch * heads, triton.cdiv(seq_len, delta_block))](
-        o,
-        do,
-        delta,
-        *_strides(o),
-        *_strides(do),
-        heads,
-        seq_len,
-        HEAD_DIM=head_dim,
-        BLOCK_D=dims["BLOCK_D"],
-        BLOCK_M=delta_block,
-    )
-    layout_args = (heads, seq_len, shared_keys, query_key_start, scale * LOG2E, scale)
-    grid_kv = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
-    _launch(
-        "dkdv",
-        grid_kv,
-        q,
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        *_strides(q),
-        *_strides(k),
-        *_strides(v),
-        *_strides(do),
-        *_strides(dk),
-        *_strides(dv),
-        *layout_args,
-        **dims,
-    )
-    grid_q = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
-    _launch(
-        "dq",
-        grid_q,
-        q,
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        *_strides(q),
-        *_strides(k),
-        *_strides(v),
-        *_strides(do),
-        *_strides(dq),
-        *layout_args,
-        **dims,
-    )
+    if seq_major:
+        o = q.new_empty((batch, seq_len, heads, head_dim))
+        o_view = o.transpose(1, 2)
+    else:
+        o = o_view = q.new_empty((batch, heads, seq_len, head_dim))
+    return o, o_view, q.new_empty((batch * heads, seq_len), dtype=torch.float32)
+
+
+def gradient_outputs(q: torch.Tensor, seq_major: bool):
+    """``(grads, (dq, dk, dv))``: ``grads`` is ``[B, L, 3, H, D]`` when ``seq_major`` (a packed qkv's
+    gradient) else ``[3, B, H, L, D]``; the three are its ``[B, H, L, D]`` views."""
+    batch, heads, seq_len, head_dim = q.shape
+    if seq_major:
+        grads = q.new_empty((batch, seq_len, 3, heads, head_dim))
+        return grads, grads.permute(2, 0, 3, 1, 4).unbind(0)
+    grads = q.new_empty((3, batch, heads, seq_len, head_dim))
+    return grads, grads.unbind(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -860,13 +295,7 @@ def _attention_fwd_op(
     seq_major: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(o, lse)``; ``o`` is ``[B, L, H, D]`` when ``seq_major`` else ``[B, H, L, D]``."""
-    batch, heads, seq_len, head_dim = q.shape
-    if seq_major:
-        o = q.new_empty((batch, seq_len, heads, head_dim))
-        o_view = o.transpose(1, 2)
-    else:
-        o = o_view = q.new_empty((batch, heads, seq_len, head_dim))
-    lse = q.new_empty((batch * heads, seq_len), dtype=torch.float32)
+    o, o_view, lse = forward_outputs(q, seq_major)
     _forward(q, k, v, o_view, lse, shared_keys, query_key_start, query_self, scale)
     return o, lse
 
@@ -894,13 +323,7 @@ def _attention_bwd_op(
 ) -> torch.Tensor:
     """Returns dq, dk, dv stacked: ``[B, L, 3, H, D]`` when ``seq_major`` (a packed qkv's gradient)
     else ``[3, B, H, L, D]``. ``do`` and ``o`` are ``[B, H, L, D]`` views."""
-    batch, heads, seq_len, head_dim = q.shape
-    if seq_major:
-        grads = q.new_empty((batch, seq_len, 3, heads, head_dim))
-        dq, dk, dv = grads.permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        grads = q.new_empty((3, batch, heads, seq_len, head_dim))
-        dq, dk, dv = grads.unbind(0)
+    grads, (dq, dk, dv) = gradient_outputs(q, seq_major)
     _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys, query_key_start, query_self, scale)
     return grads
 

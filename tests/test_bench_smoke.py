@@ -10,19 +10,49 @@ from bench import attention, train_step
 pytestmark = pytest.mark.slow
 
 
-def test_attention_benchmark_runs_every_provider_and_writes_its_files(tmp_path):
-    attention.main(["--device", "cpu", "--tiny", "--rules", "raw", "prefix+raw+self", "--output_dir", str(tmp_path)])
+def test_attention_benchmark_runs_every_provider_and_writes_its_files(tmp_path, capsys):
+    """Under the interpreter without --tiny it switches to the tiny shapes (saying so)."""
+    attention.main(["--device", "cpu", "--rules", "raw", "prefix+raw+self", "--output_dir", str(tmp_path)])
+    assert "running the --tiny shapes" in capsys.readouterr().out
     for name in ("attention.md", "attention.csv", "attention.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(tmp_path / "attention.csv")))
     providers = {r["provider"] for r in rows}
-    assert {"ours", "paper", "sdpa_mask", "sdpa_sliced", "full_sdpa"} <= providers
+    assert {"ours", "paper", "sdpa_mask", "sdpa_sliced", "full_sdpa", "flex_eager"} <= providers
+    assert {r["shape"] for r in rows} == {"tiny"} and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     for r in rows:
         assert float(r["ms"]) > 0 and r["device"].startswith("CPU")
         if r["provider"] != "full_sdpa":
             assert float(r["max_err"]) < 1e-4, r  # every provider computes the layout's function
     assert not any(r["provider"] == "sdpa_sliced" and r["rule"] == "prefix+raw+self" for r in rows)
+    assert rows[-1]["provider"] == "flex_eager"  # flex is timed after every other provider of every case
     assert "xformers" in (tmp_path / "attention.md").read_text()  # skipped with a note when missing
+
+
+def test_attention_benchmark_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """The table is rewritten after every case: a run that dies in its second case keeps the first."""
+    calls = []
+
+    def dies_in_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_run_case(*args, **kwargs)
+
+    real_run_case = attention.run_case
+    monkeypatch.setattr(attention, "run_case", dies_in_second_case)
+    with pytest.raises(RuntimeError, match="killed"):
+        attention.main(
+            ["--device", "cpu", "--tiny", "--rules", "raw", "raw+self", "--modes", "fwd", "--output_dir", str(tmp_path)]
+        )
+    rows = list(csv.DictReader(open(tmp_path / "attention.csv")))
+    assert rows and {r["rule"] for r in rows} == {"raw"}
+
+
+def test_attention_benchmark_on_cpu_names_the_interpreter_command(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET=1 python -m bench.attention --device cpu --tiny"):
+        attention.main(["--device", "cpu"])
 
 
 def test_train_step_benchmark_runs_every_variant(tmp_path):

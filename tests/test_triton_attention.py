@@ -1,9 +1,14 @@
-"""The fused Triton kernel against the float64 reference.
+"""The fused Triton kernels against the float64 reference, every variant.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest); on a GPU they run natively and
-the ``gpu``-marked cases add bf16, the real ViT shapes, huge B*H and determinism.
+the ``gpu``-marked cases add bf16, the real ViT shapes with each backward variant, huge B*H,
+determinism and the autotuner. The interpreter is slow, so the spec cases rotate storage, head dim,
+query count and variant across (rule, L, P) instead of taking the full product; ``spec_cases``
+checks that every variant still meets every rule, dtype, storage and P.
 """
 
+import collections
+import itertools
 import math
 
 import pytest
@@ -18,11 +23,34 @@ from attention_utils import (
     reference_with_grads,
 )
 
-from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed
+from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
 from bench.shapes import VIT_SHAPES
 
 STORAGES = ("contiguous", "strided", "packed")
+T = plans.Tiles
+INTERPRETER = plans.INTERPRETER_TILES
+# Variants the interpreter runs: v2 forward with each backward (and tiles whose row and key blocks
+# differ, which catches a kernel that confuses them), and v1 end to end.
+PLANS = {
+    "fused": plans.Plan("v2", INTERPRETER, "fused", INTERPRETER),
+    "fused-64x16": plans.Plan("v2", T(64, 16, 1, 1), "fused", T(64, 16, 1, 1)),
+    "short": plans.Plan("v2", T(16, 32, 1, 1), "short", T(0, 0, 1, 1)),
+    "v1": plans.Plan("v1", None, "v1", None),
+}
+
+
+def plan(variant: str, seq_len: int, head_dim: int, dtype, device=KERNEL_DEVICE) -> plans.Plan:
+    """``PLANS[variant]`` under the interpreter; on a GPU the same variants with the built-in GPU tiles."""
+    if device != "cuda":
+        return PLANS[variant]
+    backward = PLANS[variant].bwd
+    if backward == "v1":
+        return plans.Plan("v1", None, "v1", None)
+    fwd = plans.fwd_tiles(seq_len, head_dim, dtype)
+    if backward == "short":
+        return plans.Plan("v2", fwd, "short", plans.short_tiles(seq_len, head_dim))
+    return plans.Plan("v2", fwd, "fused", plans.fused_tiles(seq_len, head_dim, dtype))
 
 
 def inputs(batch, heads, layout, head_dim, dtype, storage, device=KERNEL_DEVICE):
@@ -50,53 +78,118 @@ def run_poisoned(q, k, v, do, layout, scale, storage):
     return o, lse, (dq, dk, dv)
 
 
+def flash_formula_grads(q, k, v, do, layout, scale, dtype):
+    """dq, dk, dv by FlashAttention's backward formula, dS = P * (dP - rowsum(dO * O)), computed by
+    PyTorch in ``dtype``. Where a row has a single key, autograd's softmax backward is exact (dS = 0)
+    while this formula rounds dP and rowsum(dO * O) apart, as every flash kernel does."""
+    q, k, v, do = (t.detach().to(dtype) for t in (q, k, v, do))
+    p = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~layout.dense_mask(q.device), -math.inf).softmax(-1)
+    ds = p * (do @ v.transpose(-2, -1) - (do * (p @ v)).sum(-1, keepdim=True))
+    return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, p.transpose(-2, -1) @ do
+
+
 def check_against_reference(q, k, v, layout, scale, storage, dtype):
+    """The tests' rule: error against float64 at most twice PyTorch's own in ``dtype`` (for the
+    gradients, the larger of autograd's and the flash formula's) plus one ulp at magnitude 1."""
     do = torch.randn_like(q)
     out, lse, grads = run_poisoned(q, k, v, do, layout, scale, storage)
     truth, truth_grads = reference_with_grads(q, k, v, do, layout, scale, torch.float64)
     same_dtype, same_dtype_grads = reference_with_grads(q, k, v, do, layout, scale, dtype)
+    flash_grads = flash_formula_grads(q, k, v, do, layout, scale, dtype)
     assert_close_to_truth("out", out, truth, same_dtype, dtype)
-    for name, g, t, p in zip(("dq", "dk", "dv"), grads, truth_grads, same_dtype_grads):
-        assert_close_to_truth(name, g, t, p, dtype)
+    for name, g, t, p, f in zip(("dq", "dk", "dv"), grads, truth_grads, same_dtype_grads, flash_grads):
+        assert_close_to_truth(name, g, t, max(p, f, key=lambda x: max_error(x, t)), dtype)
     scores = (q.double() @ k.double().transpose(-2, -1)) * scale
     lse_truth = scores.masked_fill(~layout.dense_mask(q.device), -math.inf).logsumexp(-1) * LOG2E
     assert max_error(lse.view_as(lse_truth), lse_truth) < 1e-4 * max(1.0, lse_truth.abs().max().item())
     if not layout.query_self and not layout.bidirectional:
         R = layout.num_raw
         assert torch.count_nonzero(grads[1][:, :, R:]) == 0 and torch.count_nonzero(grads[2][:, :, R:]) == 0
+    return grads
+
+
+def _valid(rule: str, R: int, Q: int, P: int) -> bool:
+    return R >= max(P, 1) and not (rule == "raw" and P == R and Q > 0)
+
+
+def _features(variant, rule, L, Q, P, storage) -> list[tuple]:
+    return [(variant, rule), (variant, f"P{P}"), (variant, storage), (variant, L, Q), (variant,)]
 
 
 def spec_cases():
-    """Every rule x L x Q x P of the issue; head dims and storages rotate through the cases."""
-    cases, i = [], 0
-    for rule in RULES:
-        for L in (1, 17, 47, 64, 130):
-            for Q in (0, 1, 10):
-                for P in (0, 1):
-                    R = L - Q
-                    if R < max(P, 1) or (rule == "raw" and P == R and Q > 0):
-                        continue
-                    cases.append(
-                        pytest.param(rule, R, Q, P, (16, 64, 80)[i % 3], STORAGES[i % 3], id=f"{rule}-R{R}-Q{Q}-P{P}")
-                    )
-                    i += 1
+    """Every rule x L x P of the issue (L in 1, 17, 47, 64, 130; P in 0, 1, 5). Storage and head dim
+    rotate; the variant and the query count Q (0, 1, 10) are chosen greedily so that every variant
+    meets every rule, P, storage and (L, Q) pair as evenly as the cases allow."""
+    cases, seen = [], collections.Counter()
+    for i, (rule, L, P) in enumerate(itertools.product(RULES, (1, 17, 47, 64, 130), (0, 1, 5))):
+        storage, head_dim = STORAGES[i % 3], (16, 64, 80)[(i // 3) % 3]
+        options = [
+            (variant, Q)
+            for variant in PLANS
+            for Q in (0, 1, 10)
+            if _valid(rule, L - Q, Q, P) and (variant != "short" or plans.short_eligible(L, head_dim))
+        ]
+        if not options:
+            continue
+        scores = [sum(seen[f] for f in _features(v, rule, L, q, P, storage)) for v, q in options]
+        variant, Q = options[scores.index(min(scores))]
+        seen.update(_features(variant, rule, L, Q, P, storage))
+        R = L - Q
+        cases.append(pytest.param(variant, rule, R, Q, P, head_dim, storage, id=f"{variant}-{rule}-R{R}-Q{Q}-P{P}"))
     return cases
 
 
+def test_spec_cases_cover_every_variant_with_every_rule_storage_prefix_and_query_count():
+    cases = [c.values for c in spec_cases()]
+    seen = {(v, x) for v, rule, R, Q, P, _, storage in cases for x in (rule, storage, f"P{P}", f"Q{Q}")}
+    assert set(itertools.product(PLANS, [*RULES, *STORAGES, "P0", "P1", "P5", "Q0", "Q1", "Q10"])) <= seen
+    # The multi-block lengths with query rows: each backward variant that can run them does.
+    multi_block = {(v, R + Q) for v, _, R, Q, *_ in cases if Q > 0 and R + Q >= 47}
+    assert {(v, L) for v in PLANS for L in (47, 64, 130) if v != "short" or L <= 64} <= multi_block
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("rule, R, Q, P, head_dim, storage", spec_cases())
-def test_kernel_matches_float64_reference(rule, R, Q, P, head_dim, storage, dtype):
+@pytest.mark.parametrize("variant, rule, R, Q, P, head_dim, storage", spec_cases())
+def test_kernel_matches_float64_reference(variant, rule, R, Q, P, head_dim, storage, dtype):
     layout = layout_for(rule, R, Q, P)
     q, k, v = inputs(2, 2, layout, head_dim, dtype, storage)
-    check_against_reference(q, k, v, layout, head_dim**-0.5, storage, dtype)
+    with plans.forced_plan(plan(variant, layout.length, head_dim, dtype)):
+        check_against_reference(q, k, v, layout, head_dim**-0.5, storage, dtype)
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 48, 80, 96, 128])
-@pytest.mark.parametrize("rule", ["prefix+raw", "raw+self"])
-def test_head_dims(head_dim, rule):
+@pytest.mark.parametrize(
+    "head_dim, rule, variant",
+    [
+        (d, rule, variant)
+        for (d, rule), variant in zip(
+            itertools.product([16, 32, 48, 80, 96, 128], ["prefix+raw", "raw+self"]), itertools.cycle(PLANS)
+        )
+    ],
+)
+def test_head_dims(head_dim, rule, variant):
     layout = layout_for(rule, 37, 10, 1)
     q, k, v = inputs(1, 2, layout, head_dim, torch.float16, "strided")
-    check_against_reference(q, k, v, layout, 0.7 / math.sqrt(head_dim), "strided", torch.float16)
+    with plans.forced_plan(plan(variant, layout.length, head_dim, torch.float16)):
+        check_against_reference(q, k, v, layout, 0.7 / math.sqrt(head_dim), "strided", torch.float16)
+
+
+@pytest.mark.parametrize("variant", list(PLANS))
+@pytest.mark.parametrize("rule", ["prefix+raw", "raw"])
+def test_invisible_keys_never_contribute(variant, rule):
+    """Query tokens' keys are seen by no row (rules without +self): NaN and inf there change nothing."""
+    layout = AttentionLayout(29, 7, 1, rule)
+    q, k, v = inputs(2, 2, layout, 32, torch.float32, "contiguous")
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, 29:] = float("nan")
+    v_bad[:, :, 29:] = float("inf")
+    do = torch.randn_like(q)
+    with plans.forced_plan(plan(variant, layout.length, 32, torch.float32)):
+        out, _, grads = run_poisoned(q, k_bad, v_bad, do, layout, 32**-0.5, "contiguous")
+    truth, truth_grads = reference_with_grads(q, k, v, do, layout, 32**-0.5)
+    assert max_error(out, truth) < 1e-5
+    for g, t in zip(grads, truth_grads):
+        assert max_error(g, t) < 1e-5
+    assert torch.count_nonzero(grads[1][:, :, 29:]) == 0 and torch.count_nonzero(grads[2][:, :, 29:]) == 0
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -134,13 +227,25 @@ def test_compiles_without_graph_break():
     assert abs(value.item() - eager.item()) < 1e-4 and max_error(grad, grad_ref) < 1e-5
 
 
-def test_fp32_attention_is_not_tf32_rounded():
+@pytest.mark.parametrize("length", [47, 70])  # the short and the fused backward by default
+def test_fp32_attention_is_not_tf32_rounded(length):
     """fp32 inputs keep fp32 accuracy (no TF32 in the products): error far below TF32's ~1e-3."""
-    layout = AttentionLayout(60, 10)
-    q, k, v = (3 * t for t in inputs(1, 2, layout, 64, torch.float32, "contiguous"))
+    layout = AttentionLayout(length - 10, 10)
+    q, k, v = (3 * t.requires_grad_() for t in inputs(1, 2, layout, 64, torch.float32, "contiguous"))
     out = adclr_attention(q, k, v, layout, backend="triton")
     ref = adclr_attention(q.double(), k.double(), v.double(), layout, backend="reference")
     assert max_error(out, ref) < 5e-5
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
+    assert max(max_error(g, r) for g, r in zip(grads, ref_grads)) < 2e-4
+
+
+def test_forced_short_backward_refuses_a_sequence_it_cannot_hold():
+    layout = AttentionLayout(120, 10)
+    q, k, v = inputs(1, 1, layout, 16, torch.float32, "contiguous")
+    with plans.forced_plan(PLANS["short"]), pytest.raises(ValueError, match="short backward"):
+        run_poisoned(q, k, v, torch.randn_like(q), layout, 0.25, "contiguous")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -153,19 +258,26 @@ def test_fp32_attention_is_not_tf32_rounded():
 @pytest.mark.parametrize("shape", list(VIT_SHAPES), ids=list(VIT_SHAPES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_real_shapes(shape, rule, dtype):
+    """What a model gets (the tuned table's plan if this GPU has one, else the defaults)."""
     B, H, R, Q, D = VIT_SHAPES[shape]
     layout = layout_for(rule, R, Q, 1)
     q, k, v = inputs(B, H, layout, D, dtype, "packed", device="cuda")
     check_against_reference(q, k, v, layout, D**-0.5, "packed", dtype)
 
 
+GPU_VARIANT_SHAPES = [("short", "vit_s16_local96"), ("fused", "vit_s16_local96"), ("fused", "vit_s16_global")]
+GPU_VARIANT_SHAPES += [("fused", "vit_s8_global"), ("v1", "vit_s16_global"), ("v1", "vit_s16_local96")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("rule, R, Q, P, head_dim, storage", spec_cases())
-def test_gpu_spec_cases_bf16(rule, R, Q, P, head_dim, storage):
-    """The interpreter's cases again in bf16, which the interpreter cannot run (fp32/fp16 run above)."""
-    layout = layout_for(rule, R, Q, P)
-    q, k, v = inputs(3, 5, layout, head_dim, torch.bfloat16, storage, device="cuda")
-    check_against_reference(q, k, v, layout, head_dim**-0.5, storage, torch.bfloat16)
+@pytest.mark.parametrize("rule", ["prefix+raw", "raw+self"])
+@pytest.mark.parametrize("variant, shape", GPU_VARIANT_SHAPES)
+def test_gpu_each_backward_variant_at_real_shapes(variant, shape, rule):
+    B, H, R, Q, D = VIT_SHAPES[shape]
+    layout = layout_for(rule, R, Q, 1)
+    q, k, v = inputs(B, H, layout, D, torch.bfloat16, "packed", device="cuda")
+    with plans.forced_plan(plan(variant, layout.length, D, torch.bfloat16)):
+        check_against_reference(q, k, v, layout, D**-0.5, "packed", torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -184,24 +296,36 @@ def test_gpu_huge_batch_times_heads_does_not_overflow_the_grid():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant, R", [("short", 37), ("fused", 37), ("fused", 197), ("v1", 197)])
 @pytest.mark.parametrize("rule", ["prefix+raw", "raw+self"])
-def test_gpu_backward_is_deterministic(rule):
-    layout = AttentionLayout(197, 10, query_keys=rule)
+def test_gpu_backward_is_deterministic(variant, R, rule):
+    layout = AttentionLayout(R, 10, query_keys=rule)
     qkv = torch.randn(32, layout.length, 3, 6, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn(32, layout.length, 6, 64, device="cuda", dtype=torch.bfloat16)
     first = None
-    for _ in range(20):
-        (grad,) = torch.autograd.grad(adclr_attention_packed(qkv, layout, backend="triton"), qkv, do)
-        if first is None:
-            first = grad
-        assert torch.equal(grad, first), "dq/dk/dv changed between identical runs"
+    with plans.forced_plan(plan(variant, layout.length, 64, torch.bfloat16)):
+        for _ in range(20):
+            (grad,) = torch.autograd.grad(adclr_attention_packed(qkv, layout, backend="triton"), qkv, do)
+            if first is None:
+                first = grad
+            assert torch.equal(grad, first), "dq/dk/dv changed between identical runs"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 80, 128])
-def test_gpu_autotuned_tiles_are_correct(head_dim, monkeypatch):
-    """ADCLR_AUTOTUNE=1 swaps the tile table for autotuned tiles: every candidate must be exact too."""
+@pytest.mark.parametrize("R", [37, 197])
+def test_gpu_autotuned_tiles_are_correct(R, monkeypatch):
+    """ADCLR_AUTOTUNE=1 swaps the tile tables for a few autotuned candidates: each must be exact too."""
     monkeypatch.setenv("ADCLR_AUTOTUNE", "1")
-    layout = AttentionLayout(197, 10, 1, "raw+self")
-    q, k, v = inputs(16, 6, layout, head_dim, torch.bfloat16, "packed", device="cuda")
-    check_against_reference(q, k, v, layout, head_dim**-0.5, "packed", torch.bfloat16)
+    layout = AttentionLayout(R, 10, 1, "raw+self")
+    q, k, v = inputs(16, 6, layout, 64, torch.bfloat16, "packed", device="cuda")
+    check_against_reference(q, k, v, layout, 64**-0.5, "packed", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant, rule, R, Q, P, head_dim, storage", spec_cases())
+def test_gpu_spec_cases_bf16(variant, rule, R, Q, P, head_dim, storage):
+    """The interpreter's cases again in bf16, which the interpreter cannot run (fp32/fp16 run above)."""
+    layout = layout_for(rule, R, Q, P)
+    q, k, v = inputs(3, 5, layout, head_dim, torch.bfloat16, storage, device="cuda")
+    with plans.forced_plan(plan(variant, layout.length, head_dim, torch.bfloat16)):
+        check_against_reference(q, k, v, layout, head_dim**-0.5, storage, torch.bfloat16)

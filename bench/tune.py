@@ -1,0 +1,487 @@
+"""Tune the ADCLR kernels on this GPU by measurement; write the winners to ``kernels/tiles/<gpu>.json``.
+
+    python -m bench.tune                                  # real ViT shapes, every rule, bf16 + fp16 (GPU)
+    python -m bench.tune --precompile_only --jobs 16      # only compile every candidate (parallel)
+    python -m bench.tune --skip_precompile                # Triton's cache is already warm
+    TRITON_INTERPRET=1 python -m bench.tune --device cpu --tiny --table_dir /tmp/tiles   # smoke test
+
+1. Every candidate (forward: v1, v2 x tiles; backward: v1, fused x tiles, short x warps where L
+   fits one tile) is compiled first in a pool of processes that share Triton's on-disk cache, by
+   running it once at batch 1 with the real strides (what a ViT call specialises to).
+2. Per case (shape x rule x dtype, most important first): each candidate's kernels are timed alone
+   (``triton.testing.do_bench``, L2 flushed between repetitions) after its output and gradients
+   pass the test suite's accuracy rule against a float32 SDPA result (error at most twice SDPA's own
+   in the same dtype plus one ulp); an inexact or failing candidate is reported and never chosen.
+3. The fastest forward and the fastest backward are then timed end to end through the public API
+   (forward under ``no_grad``; forward + backward), side by side with the exact SDPA fallback
+   (``backend="sdpa"``). ``auto`` takes, per mode, whichever was faster.
+4. Shapes that share a key (head dim, sequence bucket, dtype, mask kind) are decided by their summed
+   times. The table is merged into the existing one and rewritten after every key (atomic
+   replace), so a run cut short keeps what it measured; ``--budget_s`` stops starting new cases.
+
+Outputs under ``--output_dir`` (default ``bench/results/<date>_<device>/``): ``tune.csv`` (every
+measurement), ``tune.md`` (the decisions) and a copy of the table under ``tiles/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from adclr.kernels import AttentionLayout, adclr_attention_packed, plans
+from adclr.kernels import triton_attention as ops
+from bench.report import atomic_write, device_stamp, results_dir
+from bench.shapes import VIT_SHAPES
+
+RULES = ("prefix+raw", "raw+self", "raw", "prefix+raw+self", "bidirectional")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TINY_SHAPES = {"tiny47": (1, 2, 37, 10, 16), "tiny80": (1, 2, 70, 10, 16)}  # buckets 64 and 128
+TINY_TILES = (plans.INTERPRETER_TILES, plans.Tiles(16, 32, 1, 1))
+ERROR_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # as tests/attention_utils.py
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: str
+    batch: int
+    heads: int
+    num_raw: int
+    num_query: int
+    head_dim: int
+    rule: str
+    dtype: str
+
+    @property
+    def layout(self) -> AttentionLayout:
+        if self.rule == "bidirectional":
+            return AttentionLayout(self.num_raw, self.num_query, 1, bidirectional=True)
+        return AttentionLayout(self.num_raw, self.num_query, 1, self.rule)
+
+    @property
+    def key(self) -> plans.ShapeKey:
+        layout = self.layout
+        return plans.shape_key(layout.length, self.head_dim, DTYPES[self.dtype], layout.kernel_params)
+
+    def label(self) -> str:
+        return f"{self.shape} {self.rule} {self.dtype}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One variant with its tiles, for one direction (``fwd`` or ``bwd``)."""
+
+    direction: str
+    variant: str
+    tiles: plans.Tiles | None
+
+    def label(self) -> str:
+        return self.variant if self.tiles is None else f"{self.variant} {self.tiles}"
+
+    def to_json(self) -> dict:
+        return {"variant": self.variant, "tiles": None if self.tiles is None else self.tiles.to_json()}
+
+
+def candidates(case: Case, tiny: bool) -> list[Candidate]:
+    """Forward then backward candidates. Head dims above 64 and fp32 try the built-in tiles only."""
+    length, dtype = case.layout.length, DTYPES[case.dtype]
+    rows = max(32, plans.short_block(length))  # no block of rows larger than the padded sequence
+    if tiny:
+        forward, fused, short = TINY_TILES, TINY_TILES, [plans.Tiles(0, 0, 1, 1)]
+    elif plans.block_d(case.head_dim) <= 64 and dtype != torch.float32:
+        forward = [t for t in plans.FWD_CANDIDATES if t.block_m <= rows]
+        fused = [t for t in plans.FUSED_CANDIDATES if t.block_m <= rows]
+        short = list(plans.SHORT_CANDIDATES)
+    else:
+        forward = [plans.fwd_tiles(length, case.head_dim, dtype)]
+        fused = [plans.fused_tiles(length, case.head_dim, dtype)]
+        short = [plans.short_tiles(length, case.head_dim)]
+    out = [Candidate("fwd", "v1", None)] + [Candidate("fwd", "v2", t) for t in forward]
+    out += [Candidate("bwd", "v1", None)] + [Candidate("bwd", "fused", t) for t in fused]
+    if plans.short_eligible(length, case.head_dim):
+        out += [Candidate("bwd", "short", t) for t in short]
+    return out
+
+
+def plan_of(candidate: Candidate, case: Case, tiny: bool) -> plans.Plan:
+    """The candidate in one direction, the default (or interpreter) plan in the other."""
+    length, dtype = case.layout.length, DTYPES[case.dtype]
+    default = plans.default_plan(length, case.head_dim, dtype, interpreting=tiny)
+    if candidate.direction == "fwd":
+        return dataclasses.replace(default, fwd=candidate.variant, fwd_tiles=candidate.tiles)
+    return dataclasses.replace(default, bwd=candidate.variant, bwd_tiles=candidate.tiles)
+
+
+# --------------------------------------------------------------------------------------------------
+# Precompile: a process pool, Triton's on-disk cache shared
+# --------------------------------------------------------------------------------------------------
+
+
+def _compile_identity(case: Case, candidate: Candidate) -> tuple:
+    """Candidates that compile to the same kernels (the layout's numbers are runtime arguments)."""
+    self_ = case.layout.kernel_params[2]
+    block = plans.short_block(case.layout.length) if candidate.variant == "short" else 0
+    return (candidate, case.dtype, case.head_dim, self_, block)
+
+
+def warm(task: tuple) -> str | None:
+    """Run one candidate once at batch 1 (the worker of the pool): compiles it into Triton's cache.
+    Returns None, or the error it raised."""
+    case, candidate, device, tiny = task
+    try:
+        layout = case.layout
+        qkv = torch.randn(1, layout.length, 3, case.heads, case.head_dim, dtype=DTYPES[case.dtype], device=device)
+        with plans.forced_plan(plan_of(candidate, case, tiny)):
+            if candidate.direction == "fwd":
+                with torch.no_grad():
+                    adclr_attention_packed(qkv, layout, backend="triton")
+            else:
+                qkv.requires_grad_()
+                adclr_attention_packed(qkv, layout, backend="triton").sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return None
+    except Exception as error:  # noqa: BLE001 - a candidate that cannot compile is reported, not fatal
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+def precompile(cases: list[Case], device: str, tiny: bool, jobs: int, log=print) -> dict:
+    """Compile every distinct candidate of ``cases`` in ``jobs`` processes; ``{identity: error}``."""
+    tasks = {}
+    for case in cases:
+        for candidate in candidates(case, tiny):
+            tasks.setdefault(_compile_identity(case, candidate), (case, candidate, device, tiny))
+    start, failed = time.time(), {}
+    log(f"precompile: {len(tasks)} distinct candidates in {jobs} processes")
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(warm, task): identity for identity, task in tasks.items()}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            identity = futures[future]
+            error = future.result()
+            if error:
+                failed[identity] = error
+                log(f"  compile failed: {identity[0].label()} {identity[1]} D{identity[2]} self={identity[3]}: {error}")
+            if done % 10 == 0 or done == len(futures):
+                log(f"  {done}/{len(futures)} compiled ({time.time() - start:.0f} s)")
+    return failed
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+
+
+def median_ms(fn, device: str, grad_to_none=None) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=3, rep=10, grad_to_none=grad_to_none, return_mode="median")
+    fn()  # the CPU smoke run measures the harness, not the kernels
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    diff = (actual.double() - expected.double()).abs()
+    return math.inf if not torch.isfinite(diff).all() else diff.max().item()
+
+
+class Measurement:
+    """Inputs, exactness bounds and timings of one case."""
+
+    def __init__(self, case: Case, device: str, tiny: bool):
+        self.case, self.device, self.tiny = case, device, tiny
+        layout, dtype = case.layout, DTYPES[case.dtype]
+        self.layout, self.scale = layout, case.head_dim**-0.5
+        shape = (case.batch, layout.length, 3, case.heads, case.head_dim)
+        self.qkv = torch.randn(shape, dtype=dtype, device=device)
+        self.do = torch.randn(case.batch, layout.length, case.heads, case.head_dim, dtype=dtype, device=device)
+        truth, truth_grad = self._sdpa(self.qkv.float(), self.do.float())
+        same, same_grad = self._sdpa(self.qkv, self.do)
+        floor = ERROR_FLOOR[dtype]
+        self.truth, self.truth_grad = truth, truth_grad
+        self.out_bound = 2 * _error(same, truth) + floor
+        self.grad_bound = 2 * _error(same_grad, truth_grad) + floor
+        q, k, v = self.qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        self.q, self.k, self.v = q, k, v
+        self.o, self.o_view, self.lse = ops.forward_outputs(q, seq_major=True)
+        self.grads, self.grad_views = ops.gradient_outputs(q, seq_major=True)
+        self.do_view = self.do.transpose(1, 2)
+        self.capability = torch.cuda.get_device_capability() if device == "cuda" else None
+
+    def _sdpa(self, qkv, do):
+        qkv = qkv.detach().requires_grad_()
+        out = adclr_attention_packed(qkv, self.layout, backend="sdpa")
+        (grad,) = torch.autograd.grad(out, qkv, do)
+        return out.detach(), grad
+
+    def kernel(self, candidate: Candidate) -> tuple[float, float, float]:
+        """(ms, error, bound) of the candidate's launches alone, into preallocated buffers."""
+        plan = plan_of(candidate, self.case, self.tiny)
+        params = self.layout.kernel_params
+        fwd = ops.forward_launches(
+            self.q, self.k, self.v, self.o_view, self.lse, params, self.scale, plan, self.capability
+        )
+        for launch in fwd:
+            launch()
+        if candidate.direction == "fwd":
+            launches, error, bound = fwd, _error(self.o, self.truth), self.out_bound
+        else:
+            dq, dk, dv = self.grad_views
+            launches = ops.backward_launches(
+                self.do_view, self.q, self.k, self.v, self.o_view, self.lse, dq, dk, dv, params, self.scale, plan,
+                self.capability,
+            )  # fmt: skip
+            for launch in launches:
+                launch()
+            error, bound = _error(self.grads, self.truth_grad), self.grad_bound
+        if error > bound:
+            return math.nan, error, bound
+        return median_ms(lambda: [launch() for launch in launches], self.device), error, bound
+
+    def end_to_end(self, mode: str, backend: str, plan: plans.Plan | None) -> float:
+        """Median ms of the public call (``fwd`` under no_grad, or ``fwd+bwd``) as a model makes it."""
+        qkv = self.qkv.detach().requires_grad_(mode != "fwd")
+
+        def call():
+            out = adclr_attention_packed(qkv, self.layout, backend=backend)
+            if mode != "fwd":
+                out.backward(self.do)
+
+        def run():
+            if mode == "fwd":
+                with torch.no_grad():
+                    call()
+            else:
+                call()
+
+        if plan is None:
+            return median_ms(run, self.device, [qkv])
+        with plans.forced_plan(plan):
+            return median_ms(run, self.device, [qkv])
+
+
+def measure_case(case: Case, device: str, tiny: bool, failed: dict, rows: list, log=print) -> dict:
+    """Time every candidate of ``case`` and the end-to-end contest; returns the case's results."""
+    m = Measurement(case, device, tiny)
+    results = {"fwd": {}, "bwd": {}}
+    for candidate in candidates(case, tiny):
+        identity = _compile_identity(case, candidate)
+        if identity in failed:
+            status, ms, error, bound = f"compile failed: {failed[identity]}", math.nan, math.nan, math.nan
+        else:
+            try:
+                ms, error, bound = m.kernel(candidate)
+                status = "ok" if not math.isnan(ms) else "inexact"
+            except Exception as err:  # noqa: BLE001 - one failing candidate must not stop the tuning
+                status, ms, error, bound = f"failed: {type(err).__name__}: {err}", math.nan, math.nan, math.nan
+        if status == "ok":
+            results[candidate.direction][candidate] = ms
+        rows.append(_row(case, candidate.direction, candidate.label(), ms, error, bound, status))
+    if not results["fwd"] or not results["bwd"]:
+        log(f"  {case.label()}: no exact candidate in some direction; SDPA only")
+    best_fwd = min(results["fwd"], key=results["fwd"].get, default=None)
+    best_bwd = min(results["bwd"], key=results["bwd"].get, default=None)
+    e2e = {}
+    for mode in ("fwd", "fwd+bwd"):
+        e2e[("sdpa", mode)] = m.end_to_end(mode, "sdpa", None)
+        rows.append(_row(case, f"e2e {mode}", "sdpa", e2e[("sdpa", mode)], math.nan, math.nan, "ok"))
+        if best_fwd and best_bwd:
+            plan = plans.Plan(best_fwd.variant, best_fwd.tiles, best_bwd.variant, best_bwd.tiles)
+            e2e[("ours", mode)] = m.end_to_end(mode, "triton", plan)
+            label = f"ours: {best_fwd.label()} / {best_bwd.label()}"
+            rows.append(_row(case, f"e2e {mode}", label, e2e[("ours", mode)], math.nan, math.nan, "ok"))
+    del m
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"fwd": results["fwd"], "bwd": results["bwd"], "e2e": e2e}
+
+
+def _row(case: Case, stage, candidate, ms, error, bound, status) -> dict:
+    key = case.key
+    return dict(
+        shape=case.shape,
+        batch=case.batch,
+        heads=case.heads,
+        L=case.layout.length,
+        D=case.head_dim,
+        rule=case.rule,
+        dtype=case.dtype,
+        block_d=key.block_d,
+        seq_bucket=key.seq_bucket,
+        mask=key.mask,
+        stage=stage,
+        candidate=candidate,
+        ms=ms,
+        max_err=error,
+        bound=bound,
+        status=status,
+    )
+
+
+def decide(key: plans.ShapeKey, measured: list[dict]) -> dict | None:
+    """The table entry of ``key`` from the results of its shapes: sums over shapes decide."""
+
+    def best(direction):
+        common = set.intersection(*(set(r[direction]) for r in measured))
+        return min(common, key=lambda c: sum(r[direction][c] for r in measured), default=None)
+
+    fwd, bwd = best("fwd"), best("bwd")
+    if fwd is None or bwd is None:
+        return None
+    auto, ms = {}, {}
+    for mode in ("fwd", "fwd+bwd"):
+        ours = sum(r["e2e"].get(("ours", mode), math.inf) for r in measured)
+        sdpa = sum(r["e2e"][("sdpa", mode)] for r in measured)
+        auto[mode] = "triton" if ours <= sdpa else "sdpa"
+        ms[f"ours {mode}"], ms[f"sdpa {mode}"] = round(ours, 4), round(sdpa, 4)
+    return {
+        **dataclasses.asdict(key),
+        "fwd": fwd.to_json(),
+        "bwd": bwd.to_json(),
+        "auto": auto,
+        "measured_ms": ms,
+    }
+
+
+def write_table(path: str, entries: dict, stamp: dict) -> None:
+    """Merge ``entries`` (by key) into the table at ``path`` and replace it atomically."""
+    existing = []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                existing = json.load(f).get("entries", [])
+        except (OSError, ValueError, AttributeError):
+            existing = []
+    merged = {}
+    for obj in existing:
+        try:
+            key, _ = plans.parse_entry(obj)
+        except (ValueError, TypeError):
+            continue
+        merged[key] = obj
+    merged.update(entries)
+    table = {"schema": plans.TABLE_SCHEMA, **stamp, "entries": list(merged.values())}
+    atomic_write(path, json.dumps(table, indent=1) + "\n")
+
+
+def write_outputs(output_dir: str, rows: list, decisions: dict, stamp: dict, table_path: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    if rows:
+        with open(os.path.join(output_dir, "tune.csv.tmp"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(os.path.join(output_dir, "tune.csv.tmp"), os.path.join(output_dir, "tune.csv"))
+    header = f"{stamp['device']}; torch {stamp['torch']}; triton {stamp['triton']}; {stamp['date']}"
+    md = ["# tune", "", header, "", f"table: {table_path}", ""]
+    columns = ["block_d", "bucket", "dtype", "mask", "fwd", "bwd", "auto fwd", "auto fwd+bwd"]
+    columns += ["ours / sdpa fwd", "ours / sdpa fwd+bwd"]
+    md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for entry in decisions.values():
+        ms = entry["measured_ms"]
+        fwd = Candidate("fwd", entry["fwd"]["variant"], _tiles(entry["fwd"]["tiles"]))
+        bwd = Candidate("bwd", entry["bwd"]["variant"], _tiles(entry["bwd"]["tiles"]))
+        md.append(
+            f"| {entry['block_d']} | {entry['seq_bucket']} | {entry['dtype']} | {entry['mask']} | {fwd.label()} | "
+            f"{bwd.label()} | {entry['auto']['fwd']} | {entry['auto']['fwd+bwd']} | "
+            f"{ms['ours fwd'] / ms['sdpa fwd']:.2f} | {ms['ours fwd+bwd'] / ms['sdpa fwd+bwd']:.2f} |"
+        )
+    atomic_write(os.path.join(output_dir, "tune.md"), "\n".join(md) + "\n")
+    os.makedirs(os.path.join(output_dir, "tiles"), exist_ok=True)
+    if os.path.exists(table_path):
+        with open(table_path) as f:
+            atomic_write(os.path.join(output_dir, "tiles", os.path.basename(table_path)), f.read())
+
+
+def _tiles(obj) -> plans.Tiles | None:
+    return None if obj is None else plans.Tiles.from_json(obj)
+
+
+def make_cases(shapes: dict, rules, dtypes) -> list[Case]:
+    """Most important first: dtype, then rule, then shape (a cut-short run has the defaults' keys)."""
+    return [
+        Case(name, *shapes[name][:4], shapes[name][4], rule, dtype)
+        for dtype in dtypes
+        for rule in rules
+        for name in shapes
+    ]
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, interpreter tiles (CPU smoke test)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(VIT_SHAPES), default=list(VIT_SHAPES))
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="precompile processes")
+    parser.add_argument("--precompile_only", action="store_true")
+    parser.add_argument("--skip_precompile", action="store_true", help="compile on first use instead (cache warm)")
+    parser.add_argument("--budget_s", type=float, default=math.inf, help="start no new case after this many seconds")
+    parser.add_argument("--table_dir", help="where the table goes (default: $ADCLR_TILES_DIR or kernels/tiles/)")
+    parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
+    args = parser.parse_args(argv)
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.device == "cpu" and not (interpreting and args.tiny):
+        raise SystemExit("on CPU run the smoke test: TRITON_INTERPRET=1 python -m bench.tune --device cpu --tiny")
+    if args.device == "cuda" and interpreting:
+        raise SystemExit("bench.tune measures GPU kernels: unset TRITON_INTERPRET")
+
+    start = time.time()
+    shapes = TINY_SHAPES if args.tiny else {name: VIT_SHAPES[name] for name in args.shapes}
+    dtypes = ["fp32"] if args.tiny else args.dtypes
+    cases = make_cases(shapes, args.rules, dtypes)
+    failed = {} if args.skip_precompile else precompile(cases, args.device, args.tiny, args.jobs)
+    if args.precompile_only:
+        print(f"precompiled in {time.time() - start:.0f} s; {len(failed)} failed")
+        return ""
+
+    device = torch.device(args.device)
+    stamp = device_stamp(device)
+    output_dir = args.output_dir or results_dir(stamp)
+    table_dir = args.table_dir or plans.tiles_dir()
+    os.makedirs(table_dir, exist_ok=True)
+    table_path = os.path.join(table_dir, plans.device_slug(stamp["device"]) + ".json")
+    by_key: dict[plans.ShapeKey, list[Case]] = {}
+    for case in cases:
+        by_key.setdefault(case.key, []).append(case)
+    rows, decisions, done = [], {}, 0
+    for key, key_cases in by_key.items():
+        if time.time() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s reached: {done} of {len(cases)} cases measured")
+            break
+        measured = []
+        for case in key_cases:
+            case_start = time.time()
+            measured.append(measure_case(case, args.device, args.tiny, failed, rows))
+            done += 1
+            print(f"[{done}/{len(cases)}] {case.label()} ({time.time() - case_start:.1f} s)", flush=True)
+        entry = decide(key, measured)
+        if entry is not None:
+            decisions[key] = entry
+            write_table(table_path, {key: entry}, stamp)
+        write_outputs(output_dir, rows, decisions, stamp, table_path)
+    plans.load_table.cache_clear()
+    print(f"table: {table_path}; {len(decisions)} keys decided in {time.time() - start:.0f} s")
+    print(open(os.path.join(output_dir, "tune.md")).read() if decisions else "no decision")
+    return output_dir
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
