@@ -151,8 +151,13 @@ def build_backbone(
 
 
 def build_network(config: TrainConfig, drop_path_rate: float) -> MultiCropWrapper:
-    """The ViT with its DINO head (and a query head if asked for): the student or the teacher."""
+    """The ViT with its DINO head (and a query head if asked for): the student or the teacher.
+
+    The separate query head is built only when the query loss uses it (``num_query > 0`` and
+    ``lambda_query != 0``): a head that gets no gradient makes DDP fail on the next iteration.
+    """
     model = config.model
+    query_loss_used = config.data.num_query > 0 and config.loss.lambda_query != 0
     backbone = build_backbone(config, drop_path_rate)
 
     def head() -> DINOHead:
@@ -164,7 +169,7 @@ def build_network(config: TrainConfig, drop_path_rate: float) -> MultiCropWrappe
             norm_last_layer=model.norm_last_layer,
         )
 
-    return MultiCropWrapper(backbone, head(), head() if model.separate_query_head else None)
+    return MultiCropWrapper(backbone, head(), head() if model.separate_query_head and query_loss_used else None)
 
 
 @contextlib.contextmanager

@@ -64,3 +64,89 @@ def assert_same(a, b, path=""):
             assert_same(x, y, f"{path}/{i}")
     else:
         assert a == b, path
+
+
+# ---- An independent ADCLR objective: the paper's Eq. 6 (with DINO's multi-crop CLS term) written out ----
+
+
+def _cross_entropy(target_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """H(p, softmax(logits)) = -sum_k p_k log softmax(logits)_k for one sample (1-D tensors)."""
+    return -(target_probs * (logits - torch.logsumexp(logits, dim=0))).sum()
+
+
+def _softmax(z: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(z - z.max())
+    return e / e.sum()
+
+
+def reference_loss(
+    student_cls,
+    teacher_cls,
+    student_query,
+    teacher_query,
+    *,
+    center,
+    query_center,
+    teacher_temp: float,
+    student_temp: float = 0.1,
+    lambda_query: float = 0.5,
+):
+    """``(total, cls, query)`` in float64, one sample, one pair and one query at a time (no code under test).
+
+    ``student_cls`` ``[crops, B, K]`` (2 global views first), ``teacher_cls`` ``[2, B, K]``, ``*_query``
+    ``[2, B, Q, K]`` or None, ``center`` / ``query_center`` ``[K]``. CLS: the mean over every (teacher
+    view t, student crop v != t) pair of the batch mean of ``H(teacher t, student v)``. Queries: ``lambda/Q``
+    times the sum over the Q queries of ``H(teacher query i in view B, student query i in view A)``,
+    averaged over ``(A, B) = (1, 2), (2, 1)`` and the batch. Teacher rows are centred, then sharpened.
+    Differentiable with respect to the student's outputs.
+    """
+    student_cls, teacher_cls, center = (t.double() for t in (student_cls, teacher_cls, center))
+    crops, batch_size = student_cls.shape[:2]
+    pair_losses = []
+    for t in range(2):
+        for v in range(crops):
+            if v == t:
+                continue
+            per_sample = [
+                _cross_entropy(
+                    _softmax((teacher_cls[t, b] - center).detach() / teacher_temp), student_cls[v, b] / student_temp
+                )
+                for b in range(batch_size)
+            ]
+            pair_losses.append(sum(per_sample) / batch_size)
+    cls = sum(pair_losses) / len(pair_losses)
+    if student_query is None or lambda_query == 0:
+        query = cls.new_zeros(())
+    else:
+        student_query, teacher_query, query_center = (t.double() for t in (student_query, teacher_query, query_center))
+        num_query = student_query.shape[2]
+        directions = []
+        for a, b_view in ((0, 1), (1, 0)):
+            per_sample = []
+            for b in range(batch_size):
+                terms = [
+                    _cross_entropy(
+                        _softmax((teacher_query[b_view, b, i] - query_center).detach() / teacher_temp),
+                        student_query[a, b, i] / student_temp,
+                    )
+                    for i in range(num_query)
+                ]
+                per_sample.append(sum(terms) / num_query)
+            directions.append(sum(per_sample) / batch_size)
+        query = (directions[0] + directions[1]) / 2
+    return cls + lambda_query * query, cls, query
+
+
+def reference_outputs(network, crops, query_crops):
+    """``(cls [crops, B, K], queries [2, B, Q, K] or None)``: each crop through the backbone and head on its own.
+
+    Query crops go with each global view (the first two crops) and never with a local one; query tokens
+    use the separate query head when the network has one. No multi-crop grouping is involved.
+    """
+    cls, queries = [], []
+    for view, crop in enumerate(crops):
+        out = network.backbone(crop, query_crops if view < 2 else None)
+        cls.append(network.head(out.cls))
+        if view < 2 and query_crops is not None:
+            queries.append((network.query_head or network.head)(out.queries))
+    return torch.stack(cls), (torch.stack(queries) if queries else None)

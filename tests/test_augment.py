@@ -72,3 +72,62 @@ def test_grayscale_and_pil_inputs():
 def test_bad_scale_raises():
     with pytest.raises(ValueError, match="query_scale"):
         MultiCropAugmentation(MultiCropConfig(query_scale=(0.2, 0.1)))
+
+
+def _describe(transform) -> list[tuple]:
+    """A transform pipeline as a flat list of (step, parameters...) tuples."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    if isinstance(transform, v2.Compose):
+        return [step for t in transform.transforms for step in _describe(t)]
+    if isinstance(transform, v2.RandomApply):
+        (inner,) = transform.transforms
+        return [(name, transform.p, *rest) for name, *rest in _describe(inner)]
+    if isinstance(transform, v2.RandomResizedCrop):
+        assert transform.interpolation == InterpolationMode.BICUBIC
+        return [("crop", tuple(transform.size), tuple(transform.scale))]
+    if isinstance(transform, v2.RandomHorizontalFlip):
+        return [("flip", transform.p)]
+    if isinstance(transform, v2.ColorJitter):
+        ranges = (transform.brightness, transform.contrast, transform.saturation, transform.hue)
+        return [("jitter", *(tuple(round(x, 6) for x in r) for r in ranges))]
+    if isinstance(transform, v2.RandomGrayscale):
+        return [("grayscale", transform.p)]
+    if isinstance(transform, v2.GaussianBlur):
+        return [("blur", tuple(transform.sigma))]
+    if isinstance(transform, v2.RandomSolarize):
+        return [("solarize", transform.p, transform.threshold)]
+    if isinstance(transform, v2.Normalize):
+        return [("normalize", tuple(transform.mean), tuple(transform.std))]
+    return []  # ToImage, ToDtype: conversions
+
+
+def test_views_follow_dinos_augmentation_recipe():
+    """DINO's DataAugmentationDINO (BYOL's colour augmentations): global view 1 always blurred, view 2
+    rarely blurred and sometimes solarized, local views blurred half the time; global and local scales."""
+    aug = MultiCropAugmentation(MultiCropConfig())
+    colour = [
+        ("flip", 0.5),
+        ("jitter", 0.8, (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)),  # ColorJitter(0.4, 0.4, 0.2, 0.1)
+        ("grayscale", 0.2),
+    ]
+    normalize = ("normalize", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert _describe(aug.global1) == [
+        ("crop", (224, 224), (0.4, 1.0)),
+        *colour,
+        ("blur", 1.0, (0.1, 2.0)),
+        normalize,
+    ]
+    assert _describe(aug.global2) == [
+        ("crop", (224, 224), (0.4, 1.0)),
+        *colour,
+        ("blur", 0.1, (0.1, 2.0)),
+        ("solarize", 0.2, 128),
+        normalize,
+    ]
+    assert _describe(aug.local) == [("crop", (96, 96), (0.05, 0.4)), *colour, ("blur", 0.5, (0.1, 2.0)), normalize]
+    assert (aug.config.num_query, aug.config.query_scale, aug.config.patch_size) == (10, (0.05, 0.15), 16)
+    out = aug(image(300, 260))
+    assert [tuple(c.shape) for c in out["crops"]] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 10
+    assert out["query_crops"].shape == (10, 3, 16, 16)
+    assert not torch.equal(out["crops"][0], out["crops"][1])  # two different augmentations of the image

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from attention_utils import max_error
 
 from adclr.heads import DINOHead
@@ -69,18 +70,73 @@ def test_query_tokens_get_no_position_embedding():
     assert max_error(tokens[0, 17:], projected) <= 1e-6
 
 
-def test_sdpa_and_reference_backends_agree_with_grads():
-    model = tiny_vit(query_keys="raw+self")
-    views, crops = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 3, 8, 8)
+def allowed_keys(R: int, Q: int, rule: str) -> torch.Tensor:
+    """``[L, L]`` True where row i may attend to key j, written from docs/layout.md's table (one CLS token)."""
+    L = R + Q
+    if rule == "bidirectional":
+        return torch.ones(L, L, dtype=torch.bool)
+    allowed = torch.zeros(L, L, dtype=torch.bool)
+    allowed[:R, :R] = True  # CLS and raw patches see CLS and raw patches
+    allowed[R:, (0 if rule.startswith("prefix") else 1) : R] = True
+    if rule.endswith("+self"):
+        allowed[R:, R:] = torch.eye(Q, dtype=torch.bool)
+    return allowed
+
+
+def manual_vit(model, views, query_crops, rule):
+    """The ViT of paper Eqs. 3-5 written out from ``model``'s weights: ``(cls, patches, queries)``.
+
+    Raw tokens get CLS and position embeddings; query crops get only the patch projection; every block is
+    pre-norm attention (restricted to ``allowed_keys``) then MLP, each with a residual; a final LayerNorm.
+    """
+    assert isinstance(model.patch_embed.norm, torch.nn.Identity) and isinstance(model.norm_pre, torch.nn.Identity)
+    proj = model.patch_embed.proj
+    patches = F.conv2d(views, proj.weight, proj.bias, stride=proj.stride).flatten(2).transpose(1, 2)
+    B, N, C = patches.shape
+    raw = torch.cat([model.cls_token.expand(B, -1, -1), patches], dim=1) + model.pos_embed
+    queries = F.conv2d(query_crops.flatten(0, 1), proj.weight, proj.bias, stride=proj.stride).view(B, -1, C)
+    x = torch.cat([raw, queries], dim=1)
+    R, L = N + 1, x.shape[1]
+    allowed = allowed_keys(R, L - R, rule)
+    for block in model.blocks:
+        attn, heads = block.attn, block.attn.num_heads
+        h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+        q, k, v = F.linear(h, attn.qkv.weight, attn.qkv.bias).view(B, L, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) * (C // heads) ** -0.5
+        mixed = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(1, 2).reshape(B, L, C)
+        x = x + F.linear(mixed, attn.proj.weight, attn.proj.bias)
+        h = F.layer_norm(x, (C,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+        x = x + F.linear(
+            F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight, block.mlp.fc2.bias
+        )
+    x = F.layer_norm(x, (C,), model.norm.weight, model.norm.bias, model.norm.eps)
+    return x[:, 0], x[:, 1:R], x[:, R:]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("rule", ["prefix+raw", "raw", "prefix+raw+self", "raw+self", "bidirectional"])
+def test_forward_and_every_gradient_match_a_manual_vit(rule, backend):
+    """Outputs and every parameter gradient (of a randomly weighted sum of CLS, patch and query outputs)
+    against ``manual_vit`` in float64: catches position embeddings on queries, queries seeing each other,
+    raw tokens seeing queries, a wrong query-key rule, and a backward that differs from the forward."""
+    options = dict(bidirectional=True) if rule == "bidirectional" else dict(query_keys=rule)
+    model = tiny_vit(attn_backend=backend, **options).double()
+    with torch.no_grad():  # timm starts the CLS token and position embedding near zero: make them matter
+        model.cls_token.normal_()
+        model.pos_embed.normal_()
+    views, crops = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.randn(3, 4, 3, 8, 8, dtype=torch.float64)
+    out = model(views, crops)
+    expected = manual_vit(model, views, crops, rule)
+    weights = [torch.randn_like(t) for t in expected]
     results = []
-    for backend in ("sdpa", "reference"):
-        model.set_attn_backend(backend)
-        model.zero_grad()
-        out = model(views, crops)
-        (out.cls.sum() + out.queries.pow(2).sum()).backward()
-        results.append((out.queries.detach(), model.blocks[0].attn.qkv.weight.grad.clone()))
-    assert max_error(results[0][0], results[1][0]) <= 1e-5
-    assert max_error(results[0][1], results[1][1]) <= 1e-4
+    for outputs in ((out.cls, out.patches, out.queries), expected):
+        model.zero_grad(set_to_none=True)
+        sum((o * w).sum() for o, w in zip(outputs, weights)).backward(retain_graph=True)
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, actual, truth in zip(("cls", "patches", "queries"), (out.cls, out.patches, out.queries), expected):
+        assert max_error(actual, truth) <= 1e-10, name
+    for name, truth in results[1].items():
+        assert max_error(results[0][name], truth) <= 1e-10 * (1 + truth.abs().max().item()), name
 
 
 def test_last_attention_maps_respect_the_layout():
@@ -111,19 +167,27 @@ def test_dino_head_shapes_and_frozen_magnitude():
 
 
 @pytest.mark.parametrize("separate_query_head", [False, True])
-def test_multicrop_wrapper_groups_resolutions(separate_query_head):
+def test_multicrop_wrapper_matches_each_crop_on_its_own(separate_query_head):
+    """Every crop distinct: each crop's CLS logits and each global view's query logits are those of that
+    crop alone through the backbone and the right head (a swap, a view/batch mix-up or query crops sent
+    to a local crop would show)."""
     backbone = tiny_vit()
     head = DINOHead(32, 50, 64, 16)
-    wrapper = MultiCropWrapper(backbone, head, DINOHead(32, 50, 64, 16) if separate_query_head else None)
-    crops = [torch.randn(3, 3, 32, 32)] * 2 + [torch.randn(3, 3, 16, 16)] * 4
-    query_crops = torch.randn(3, 5, 3, 8, 8)
-    cls, queries = wrapper(crops, query_crops)
-    assert cls.shape == (18, 50) and queries.shape == (2, 3, 5, 50)
+    query_head = DINOHead(32, 50, 64, 16) if separate_query_head else None
+    wrapper = MultiCropWrapper(backbone, head, query_head)
+    B, Q = 3, 5
+    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(4)]
+    query_crops = torch.randn(B, Q, 3, 8, 8)
     with torch.no_grad():
-        direct = backbone(crops[1], query_crops)
-    expected_head = wrapper.query_head or head
-    assert max_error(queries[1], expected_head(direct.queries)) <= 1e-5
-    assert max_error(cls[3:6], head(direct.cls)) <= 1e-5
+        cls, queries = wrapper(crops, query_crops)
+        assert cls.shape == (6 * B, 50) and queries.shape == (2, B, Q, 50)
+        for view, crop in enumerate(crops):
+            alone = backbone(crop, query_crops if view < 2 else None)
+            assert max_error(cls[view * B : (view + 1) * B], head(alone.cls)) <= 1e-5, f"CLS of crop {view}"
+            if view < 2:
+                expected = (query_head or head)(alone.queries)
+                assert max_error(queries[view], expected) <= 1e-5, f"queries of view {view}"
+        assert max_error(queries[0], queries[1]) > 1e-3  # the two views' query outputs really differ
 
 
 def _all_grads(model, backend, views, crops, weights, dtype):
