@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from adclr.augment import MultiCropAugmentation, MultiCropConfig
 from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
-from adclr.evaluate import dense_knn_miou, eval_transform, knn_accuracy
+from adclr.evaluate import EvalConfig, evaluate_backbone
 from adclr.heads import DINOHead
 from adclr.kernels import BACKENDS, QUERY_KEY_RULES
 from adclr.loss import ADCLRLoss, LossTerms
@@ -431,35 +431,23 @@ def training_step(
 
 
 def evaluate(args, backbone, device, name: str) -> dict:
-    """k-NN top-1 on CLS features and dense k-NN mIoU on patch features, on the built-in labelled data."""
-    size, seed = args.global_size, args.seed
-    transform = eval_transform(size)
-    was_training = backbone.training
-    results = {
-        f"knn_top1_{name}": knn_accuracy(
-            backbone,
-            SyntheticShapes(args.builtin_train_size, size, "train", seed, transform),
-            SyntheticShapes(args.builtin_test_size, size, "test", seed, transform),
-            SyntheticShapes.num_classes,
-            device,
-        ),
-        f"dense_miou_{name}": dense_knn_miou(
-            backbone,
-            SyntheticShapes(args.builtin_train_size // 4, size, "train", seed),
-            SyntheticShapes(args.builtin_test_size // 2, size, "test", seed),
-            size,
-            device,
-        ),
-    }
-    backbone.train(was_training)
-    return results
+    """k-NN on CLS features and the linear segmentation probe on patch features, on the built-in labelled data."""
+    config = EvalConfig(
+        image_size=args.global_size,
+        resize_size=args.global_size,
+        builtin_train_size=args.builtin_train_size,
+        builtin_val_size=args.builtin_test_size,
+        builtin_cache=os.path.join(args.output_dir, "builtin_eval"),
+        seed=args.seed,
+    )
+    return {f"{key}_{name}": value for key, value in evaluate_backbone(backbone, config, device).items()}
 
 
 def summary(evaluation: dict) -> str:
     return (
         f"k-NN top-1 on the built-in shapes: {evaluation['knn_top1_teacher']:.1f}% "
         f"(random init: {evaluation['knn_top1_random_init']:.1f}%, chance: {100 / SyntheticShapes.num_classes:.1f}%); "
-        f"dense k-NN mIoU: {evaluation['dense_miou_teacher']:.1f}% "
+        f"dense linear-probe mIoU: {evaluation['dense_miou_teacher']:.1f}% "
         f"(random init: {evaluation['dense_miou_random_init']:.1f}%)"
     )
 
