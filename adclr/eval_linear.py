@@ -149,12 +149,14 @@ def linear_probe(
     val_freq: int = 1,
     seed: int = 0,
     checkpoint_path: str | None = None,
+    run_settings: dict | None = None,
 ) -> dict:
     """Train DINO's linear probe on ``train_set`` (items ``(augmented image, label)``) and score it on ``val_set``.
 
     Returns ``top1``/``top5``/``loss`` after the last epoch, ``best_top1`` with its ``best_epoch`` and the
     per-validation ``history``. With ``checkpoint_path`` the probe's state is written there atomically
-    after each epoch and a restart resumes from it.
+    after each epoch and a restart resumes from it, provided it was written with the same settings
+    (the probe's, plus ``run_settings``: what else identifies the run, e.g. weights and data).
     """
     positive("epochs", epochs)
     positive("val_freq", val_freq)
@@ -181,7 +183,16 @@ def linear_probe(
         classifier.parameters(), lr * batch_size * dist_info.world_size / 256, momentum=0.9, weight_decay=0
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
-    settings = dict(num_classes=num_classes, n_last_blocks=n_last_blocks, avgpool=avgpool, epochs=epochs, lr=lr)
+    settings = dict(
+        num_classes=num_classes,
+        n_last_blocks=n_last_blocks,
+        avgpool=avgpool,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size * dist_info.world_size,
+        seed=seed,
+        **(run_settings or {}),
+    )
     start_epoch, history = 0, []
     if checkpoint_path and os.path.exists(checkpoint_path):
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -289,6 +300,9 @@ def run(args: argparse.Namespace) -> dict | None:
         val_freq=args.val_freq,
         seed=args.seed,
         checkpoint_path=os.path.join(args.output_dir, "linear_checkpoint.pth"),
+        run_settings=dict(
+            backbone=backbone_description(args), data_path=os.path.abspath(args.data_path), image_size=args.image_size
+        ),
     )
     if not dist_info.is_main:
         return None

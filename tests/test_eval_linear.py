@@ -79,6 +79,11 @@ def test_linear_probe_resumes_and_refuses_other_settings(tmp_path, colour_data, 
     with pytest.raises(SystemExit) as stop:
         main(_argv(tmp_path, colour_data, "--epochs", "3"))
     assert stop.value.code == 2 and "use another --output_dir" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    other.write_bytes((tmp_path / "backbone.safetensors").read_bytes())
+    with pytest.raises(SystemExit):  # another backbone: a probe of the first must not be resumed
+        main([*argv[:1], str(other), *argv[2:]])
+    assert "use another --output_dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
