@@ -308,7 +308,8 @@ def setup_device() -> tuple[torch.device, DistInfo]:
 
 
 def backbone_description(args: argparse.Namespace) -> dict:
-    return {"weights": args.weights, "which": None if args.arch else args.which, "arch": args.arch}
+    checkpoint = not args.arch and not args.weights.endswith(".safetensors")
+    return {"weights": args.weights, "which": args.which if checkpoint else None, "arch": args.arch}
 
 
 def write_results(output_dir: str, name: str, results: dict) -> str:
