@@ -437,7 +437,6 @@ def evaluate(args, backbone, device, name: str) -> dict:
         resize_size=args.global_size,
         builtin_train_size=args.builtin_train_size,
         builtin_val_size=args.builtin_test_size,
-        builtin_cache=os.path.join(args.output_dir, "builtin_eval"),
         seed=args.seed,
     )
     return {f"{key}_{name}": value for key, value in evaluate_backbone(backbone, config, device).items()}

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,20 +23,13 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import BRANCHES, load_backbone
-from .data import (
-    SEGMENTATION_CLASSES,
-    LabelledImages,
-    SegmentationFolder,
-    SyntheticShapes,
-    check_same_classes,
-    write_shapes,
-)
+from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticShapes, check_same_classes
 from .export import load_exported
 from .training import DistInfo, init_distributed
 
@@ -345,10 +337,9 @@ class EvalConfig:
 
     ``data_path``: a folder with ``train/`` and ``val/`` ImageFolder trees for the k-NN; ``None`` uses
     the built-in shapes (``builtin_*`` sizes at ``image_size`` px, ``seed``) and adds the dense probe on
-    their masks (the first quarter of the train images, the first half of the val images).
-    ``builtin_cache``: a folder where the built-in shapes are written once (``write_shapes``)
-    and read back by every later evaluation, through the commands' folder datasets; ``None`` generates
-    them in memory at each evaluation (same numbers, slower when evaluating often).
+    their masks (the first quarter of the train images, the first half of the val images). The shapes
+    are generated in memory (about a millisecond an image); reading them from ``write_shapes``
+    folders through the commands' datasets gives the same numbers (tests/test_eval_*.py check it).
     """
 
     data_path: str | None = None
@@ -361,32 +352,9 @@ class EvalConfig:
     seed: int = 0
     builtin_train_size: int = 1600
     builtin_val_size: int = 600
-    builtin_cache: str | None = None
     seg_epochs: int = 10  # the dense probe on the built-in masks: small images, so larger batches
     seg_lr: float = 1e-2
     seg_batch_size: int = 64
-
-
-def builtin_folders(config: EvalConfig) -> str:
-    """The built-in shapes of ``config`` written under ``config.builtin_cache`` (once; later calls reuse them).
-
-    The folder appears atomically (written under a temporary name, then renamed), so concurrent or
-    interrupted writers never leave a half-written set behind.
-    """
-    name = (
-        f"shapes_{config.image_size}px_seed{config.seed}_train{config.builtin_train_size}_val{config.builtin_val_size}"
-    )
-    root = os.path.join(config.builtin_cache, name)
-    if not os.path.isdir(root):
-        os.makedirs(config.builtin_cache, exist_ok=True)
-        tmp = f"{root}.tmp.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_shapes(tmp, config.builtin_train_size, config.builtin_val_size, config.image_size, config.seed)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process renamed its copy first; theirs is the same
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def evaluate_backbone(backbone: nn.Module, config: EvalConfig, device: torch.device) -> dict[str, float]:
@@ -405,22 +373,13 @@ def evaluate_backbone(backbone: nn.Module, config: EvalConfig, device: torch.dev
     frozen = as_frozen(backbone).eval()
     transform = eval_transform(config.image_size, config.resize_size)
     size, seed = config.image_size, config.seed
-    seg_train_transform, seg_val_transform = seg_transform(size, resize_mask=True), seg_transform(size)
     if config.data_path:
         train_dir, val_dir = split_folders(config.data_path)
         train_set, val_set = LabelledImages(train_dir, transform), LabelledImages(val_dir, transform)
         check_same_classes(train_set.classes, val_set.classes)
-    elif config.builtin_cache:
-        root = builtin_folders(config)
-        train_set = LabelledImages(os.path.join(root, "classification", "train"), transform)
-        val_set = LabelledImages(os.path.join(root, "classification", "val"), transform)
-        seg_train = SegmentationFolder(os.path.join(root, "segmentation", "train"), seg_train_transform)
-        seg_val = SegmentationFolder(os.path.join(root, "segmentation", "val"), seg_val_transform)
     else:
         train_set = SyntheticShapes(config.builtin_train_size, size, "train", seed, transform)
         val_set = SyntheticShapes(config.builtin_val_size, size, "test", seed, transform)
-        seg_train = SyntheticShapes(config.builtin_train_size, size, "train", seed, seg_train_transform, "mask")
-        seg_val = SyntheticShapes(config.builtin_val_size, size, "test", seed, seg_val_transform, "mask")
     knn = knn_evaluate(
         frozen,
         train_set,
@@ -436,10 +395,11 @@ def evaluate_backbone(backbone: nn.Module, config: EvalConfig, device: torch.dev
     if knn[config.k]["top5"] is not None:
         results["knn_top5"] = knn[config.k]["top5"]
     if not config.data_path:  # a quarter of the train images and half the val images keep the cost down
+        seg_train_transform, seg_val_transform = seg_transform(size, resize_mask=True), seg_transform(size)
         seg = seg_probe(
             frozen,
-            Subset(seg_train, range(config.builtin_train_size // 4)),
-            Subset(seg_val, range(config.builtin_val_size // 2)),
+            SyntheticShapes(config.builtin_train_size // 4, size, "train", seed, seg_train_transform, "mask"),
+            SyntheticShapes(config.builtin_val_size // 2, size, "test", seed, seg_val_transform, "mask"),
             num_classes=len(SEGMENTATION_CLASSES),
             epochs=config.seg_epochs,
             lr=config.seg_lr,

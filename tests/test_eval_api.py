@@ -130,15 +130,6 @@ def test_evaluate_backbone_is_seeded_and_leaves_the_caller_alone(tmp_path):
     assert set(first) == {"knn_top1", "knn_top5", "dense_miou"}
     assert all(0 <= value <= 100 for value in first.values())
 
-    # The built-in shapes written once to a cache folder and read back as the commands read folders.
-    cached = replace(config, builtin_cache=str(tmp_path / "cache"))
-    assert evaluate_backbone(model, cached, CPU) == first
-    [written] = os.listdir(tmp_path / "cache")
-    stamp = os.stat(tmp_path / "cache" / written / "segmentation" / "val" / "masks" / "00000.png").st_mtime_ns
-    assert evaluate_backbone(model, cached, CPU) == first
-    assert os.listdir(tmp_path / "cache") == [written]
-    assert os.stat(tmp_path / "cache" / written / "segmentation" / "val" / "masks" / "00000.png").st_mtime_ns == stamp
-
     # With a data path: the k-NN on that folder (here the same shapes, written out), no dense probe.
     write_shapes(str(tmp_path / "data"), train_size=36, val_size=18, size=SIZE, seed=0)
     on_folder = evaluate_backbone(model, replace(config, data_path=str(tmp_path / "data" / "classification")), CPU)
