@@ -26,7 +26,7 @@ from adclr.augment import MultiCropAugmentation, MultiCropConfig
 from adclr.checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
 from adclr.config import PRESETS, TrainConfig, field_default, make_config, preset_table
 from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
-from adclr.evaluate import dense_knn_miou, eval_transform, knn_accuracy
+from adclr.evaluate import EvalConfig, check_eval_folders, evaluate_backbone
 from adclr.kernels import BACKENDS, QUERY_KEY_RULES
 from adclr.model import ARCHS
 from adclr.training import init_distributed, seed_everything
@@ -111,6 +111,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     flag("builtin_train_size", "images in the built-in training split", type=int)
     flag("builtin_test_size", "images in the built-in test split", type=int)
     flag("eval_every", "k-NN evaluation every N epochs (0: only at the end)", type=int)
+    flag(
+        "eval_data_path",
+        "folder with train/ and val/ ImageFolder trees for the periodic and final k-NN",
+        default_text="default: the built-in shapes, with their dense segmentation probe",
+    )
     flag("output_dir")
     flag("saveckp_freq", "also keep checkpoint{epoch}.pth every N epochs", type=int)
     flag("seed", type=int)
@@ -135,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     main_process = dist_info.is_main
+    if cfg.run.eval_data_path:
+        try:
+            check_eval_folders(cfg.run.eval_data_path)
+        except ValueError as error:
+            raise SystemExit(f"--eval_data_path: {error}") from None
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     checkpoint_path = os.path.join(cfg.run.output_dir, "checkpoint.pth")
     log = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
@@ -216,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         for it, (crops, query_crops, _) in enumerate(progress):
             settings = schedules.at(epoch * iters_per_epoch + it)
             crops = [c.to(device, non_blocking=True) for c in crops]
-            query_crops = query_crops.to(device, non_blocking=True) if data.num_query > 0 else None
+            # Without a query loss (Q = 0 or lambda = 0) the query tokens would be computed for nothing.
+            use_queries = data.num_query > 0 and cfg.loss.lambda_query != 0
+            query_crops = query_crops.to(device, non_blocking=True) if use_queries else None
             try:
                 losses = engine.training_step(state, crops, query_crops, settings)
             except engine.NonFiniteLossError as error:
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.distributed.barrier()
 
     if main_process and evaluation:
-        log(summary(evaluation))
+        log(summary(cfg, evaluation))
     if dist_info.enabled:
         torch.distributed.destroy_process_group()
 
@@ -285,38 +297,34 @@ def describe_preset(cfg: TrainConfig, flags: dict, chosen: bool) -> str:
 
 
 def evaluate(cfg: TrainConfig, backbone, device, name: str) -> dict:
-    """k-NN top-1 on CLS features and dense k-NN mIoU on patch features, on the built-in labelled data."""
-    size, seed = cfg.data.global_size, cfg.run.seed
-    train_size, test_size = cfg.data.builtin_train_size, cfg.data.builtin_test_size
-    transform = eval_transform(size)
-    was_training = backbone.training
-    results = {
-        f"knn_top1_{name}": knn_accuracy(
-            backbone,
-            SyntheticShapes(train_size, size, "train", seed, transform),
-            SyntheticShapes(test_size, size, "test", seed, transform),
-            SyntheticShapes.num_classes,
-            device,
-        ),
-        f"dense_miou_{name}": dense_knn_miou(
-            backbone,
-            SyntheticShapes(train_size // 4, size, "train", seed),
-            SyntheticShapes(test_size // 2, size, "test", seed),
-            size,
-            device,
-        ),
-    }
-    backbone.train(was_training)
-    return results
-
-
-def summary(evaluation: dict) -> str:
-    return (
-        f"k-NN top-1 on the built-in shapes: {evaluation['knn_top1_teacher']:.1f}% "
-        f"(random init: {evaluation['knn_top1_random_init']:.1f}%, chance: {100 / SyntheticShapes.num_classes:.1f}%); "
-        f"dense k-NN mIoU: {evaluation['dense_miou_teacher']:.1f}% "
-        f"(random init: {evaluation['dense_miou_random_init']:.1f}%)"
+    """Weighted k-NN on CLS features (``--eval_data_path``, else the built-in shapes, which add the linear
+    segmentation probe on patch features); keys carry ``name`` (teacher or random_init)."""
+    eval_data_path = cfg.run.eval_data_path
+    config = EvalConfig(
+        data_path=eval_data_path,
+        image_size=cfg.data.global_size,
+        resize_size=None if eval_data_path else cfg.data.global_size,  # DINO's 256/224 resize on real images
+        builtin_train_size=cfg.data.builtin_train_size,
+        builtin_val_size=cfg.data.builtin_test_size,
+        seed=cfg.run.seed,
     )
+    return {f"{key}_{name}": value for key, value in evaluate_backbone(backbone, config, device).items()}
+
+
+def summary(cfg: TrainConfig, evaluation: dict) -> str:
+    """One line: the teacher's metrics next to the same architecture at random initialisation."""
+    where = cfg.run.eval_data_path or "the built-in shapes"
+    chance = "" if cfg.run.eval_data_path else f", chance: {100 / SyntheticShapes.num_classes:.1f}%"
+    line = (
+        f"k-NN top-1 on {where}: {evaluation['knn_top1_teacher']:.1f}% "
+        f"(random init: {evaluation['knn_top1_random_init']:.1f}%{chance})"
+    )
+    if "dense_miou_teacher" in evaluation:
+        line += (
+            f"; dense linear-probe mIoU: {evaluation['dense_miou_teacher']:.1f}% "
+            f"(random init: {evaluation['dense_miou_random_init']:.1f}%)"
+        )
+    return line
 
 
 if __name__ == "__main__":

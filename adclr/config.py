@@ -142,6 +142,7 @@ class RunConfig:
     saveckp_freq: int = 20
     seed: int = 0
     eval_every: int = 0
+    eval_data_path: str | None = None  # a folder with train/ and val/ ImageFolder trees; None: the built-in shapes
     tensorboard: bool = False
 
 

@@ -1,22 +1,32 @@
-"""Data: a built-in synthetic shapes dataset (no download) and image folders (ImageFolder tree or flat).
+"""Data: a built-in synthetic shapes dataset (no download), image folders, and labelled folders for evaluation.
 
 The built-in set is generated deterministically from (seed, split, index): each image holds one
 shape (disk, square, triangle, cross, ring or bar) of random size, position and rotation, in a grey
 level contrasting with a textured grey background. The class is the shape and brightness carries no
 information about it, so a representation must see form to classify it (k-NN); the per-pixel
 mask (0 = background, c + 1 = shape c) makes a dense evaluation (segmentation mIoU) meaningful.
+
+Evaluation reads two folder layouts: ``LabelledImages`` (an ImageFolder tree, for k-NN and the
+linear probe) and ``SegmentationFolder`` (``images/`` and ``masks/`` pairs, for the segmentation
+probe). ``write_shapes`` (or ``python -m adclr.data DIR``) writes the built-in shapes in both.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "bar")
+SEGMENTATION_CLASSES = ("background", *SHAPES)  # mask value c is SEGMENTATION_CLASSES[c]
+IGNORE_INDEX = 255  # mask value of pixels that no metric or loss counts (VOC / ADE convention)
+MASK_MODES = ("L", "P", "I", "I;16")  # single-channel PNG modes whose pixel values are class indices
 _SPLIT_OFFSET = {"train": 0, "test": 1_000_003}
 
 
@@ -42,14 +52,30 @@ def _shape_mask(
 
 
 class SyntheticShapes(Dataset):
-    """``length`` generated images of ``size`` px; items are ``(uint8 [3, size, size], label)``."""
+    """``length`` generated images of ``size`` px; items are ``(uint8 [3, size, size], label)``.
+
+    With ``target="mask"`` items are ``(uint8 [3, size, size], int64 mask [size, size])`` (the
+    segmentation view, classes ``SEGMENTATION_CLASSES``) and ``transform(image, mask)`` is joint.
+    """
 
     num_classes = len(SHAPES)
 
-    def __init__(self, length: int = 2400, size: int = 32, split: str = "train", seed: int = 0, transform=None):
+    def __init__(
+        self,
+        length: int = 2400,
+        size: int = 32,
+        split: str = "train",
+        seed: int = 0,
+        transform=None,
+        target: str = "label",
+    ):
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"split must be one of {tuple(_SPLIT_OFFSET)}, got {split!r}")
+        if target not in ("label", "mask"):
+            raise ValueError(f"target must be 'label' or 'mask', got {target!r}")
         self.length, self.size, self.split, self.seed, self.transform = length, size, split, seed, transform
+        self.target = target
+        self.classes = list(SHAPES if target == "label" else SEGMENTATION_CLASSES)
 
     def __len__(self) -> int:
         return self.length
@@ -81,7 +107,9 @@ class SyntheticShapes(Dataset):
         return (image * 255).round().to(torch.uint8), mask, label
 
     def __getitem__(self, index: int):
-        image, _, label = self.generate(index)
+        image, mask, label = self.generate(index)
+        if self.target == "mask":
+            return self.transform(image, mask) if self.transform else (image, mask)
         return (self.transform(image) if self.transform else image), label
 
 
@@ -122,9 +150,154 @@ class ImageFiles(Dataset):
         raise RuntimeError(f"no readable image among the {len(self.samples)} files")
 
 
+def _require_folder(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a folder; expected {what}")
+
+
+class LabelledImages(Dataset):
+    """An ImageFolder tree ``root/<class>/<image>``; items are ``(PIL RGB image, class index)``.
+
+    Classes are the sub-folder names in sorted order (torchvision's ``find_classes``). Unlike
+    ``ImageFiles`` no file is skipped: an evaluation must score every image it counts.
+    """
+
+    def __init__(self, root: str, transform=None):
+        _require_folder(root, "an ImageFolder tree (one sub-folder of images per class)")
+        try:
+            self.classes, class_to_idx = find_classes(root)
+            self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as error:  # torchvision's words for "no class folder" / "a class without images"
+            raise ValueError(f"{root!r}: {error}") from None
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = default_loader(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def check_same_classes(train_classes, val_classes) -> None:
+    """Refuse a train/val pair whose class lists differ (labels would silently mean different things)."""
+    if list(train_classes) != list(val_classes):
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise ValueError(
+            "train and val must have the same classes; "
+            f"only in train: {only_train[:5] or 'none'}, only in val: {only_val[:5] or 'none'}"
+        )
+
+
+class SegmentationFolder(Dataset):
+    """Image/mask pairs ``root/images/<name>.<ext>`` and ``root/masks/<name>.png`` (VOC / ADE style).
+
+    A mask is a single-channel PNG (grey or palette) of the image's size whose pixel values are class
+    indices, ``IGNORE_INDEX`` (255) for pixels that do not count. Items are ``(PIL RGB image, int64
+    mask [H, W])``, or ``transform(image, mask)``. Pairing and sizes are checked up front (from the
+    file headers), so a bad folder is refused before any work starts.
+    """
+
+    def __init__(self, root: str, transform=None):
+        _require_folder(root, "a folder with images/ and masks/")
+        image_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+        _require_folder(image_dir, "the images of a segmentation folder")
+        _require_folder(mask_dir, "the PNG masks of a segmentation folder (one per image, same name)")
+        images = _files_by_stem(image_dir, IMG_EXTENSIONS)
+        masks = _files_by_stem(mask_dir, (".png",))
+        if not images:
+            raise ValueError(f"no images with extensions {IMG_EXTENSIONS} found in {image_dir!r}")
+        unmatched_images, unmatched_masks = sorted(images.keys() - masks.keys()), sorted(masks.keys() - images.keys())
+        if unmatched_images or unmatched_masks:
+            raise ValueError(
+                f"images and masks in {root!r} must pair by file name; "
+                f"images without a mask: {unmatched_images[:5] or 'none'}, "
+                f"masks without an image: {unmatched_masks[:5] or 'none'}"
+            )
+        self.samples = [(images[stem], masks[stem]) for stem in sorted(images)]
+        for image_path, mask_path in self.samples:
+            with Image.open(image_path) as image, Image.open(mask_path) as mask:
+                if mask.mode not in MASK_MODES:
+                    raise ValueError(
+                        f"mask {mask_path!r} has mode {mask.mode}; a mask must be a single-channel PNG "
+                        f"({', '.join(MASK_MODES)}) of class indices"
+                    )
+                if mask.size != image.size:
+                    raise ValueError(
+                        f"mask {mask_path!r} is {mask.size[0]}x{mask.size[1]} but its image is "
+                        f"{image.size[0]}x{image.size[1]}; a mask must have its image's size"
+                    )
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.samples[index]
+        image = default_loader(image_path)
+        with Image.open(mask_path) as mask:
+            mask = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+        return self.transform(image, mask) if self.transform else (image, mask)
+
+
+def _files_by_stem(folder: str, extensions: tuple[str, ...]) -> dict[str, str]:
+    files: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in extensions:
+            continue
+        if stem in files:
+            raise ValueError(f"{folder!r} holds two files named {stem!r} ({os.path.basename(files[stem])}, {name})")
+        files[stem] = os.path.join(folder, name)
+    return files
+
+
+def write_shapes(root: str, train_size: int = 1600, val_size: int = 600, size: int = 32, seed: int = 0) -> None:
+    """Write the built-in shapes as evaluation folders (lossless PNG, so reading them back is exact).
+
+    ``root/classification/{train,val}/<c>_<shape>/<index>.png``: ImageFolder trees (the ``<c>_``
+    prefix keeps ``SHAPES``' label order); ``root/segmentation/{train,val}/{images,masks}/<index>.png``:
+    image/mask pairs with ``SEGMENTATION_CLASSES`` indices. ``val`` is the built-in ``test`` split.
+    """
+    for folder, split, length in (("train", "train", train_size), ("val", "test", val_size)):
+        classification = os.path.join(root, "classification", folder)
+        segmentation = os.path.join(root, "segmentation", folder)
+        for i, shape in enumerate(SHAPES):
+            os.makedirs(os.path.join(classification, f"{i}_{shape}"), exist_ok=True)
+        for sub in ("images", "masks"):
+            os.makedirs(os.path.join(segmentation, sub), exist_ok=True)
+        shapes = SyntheticShapes(length, size, split, seed)
+        for index in range(length):
+            image, mask, label = shapes.generate(index)
+            picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+            name = f"{index:05d}.png"
+            picture.save(os.path.join(classification, f"{label}_{SHAPES[label]}", name))
+            picture.save(os.path.join(segmentation, "images", name))
+            Image.fromarray(mask.numpy().astype(np.uint8)).save(os.path.join(segmentation, "masks", name))
+
+
 def collate_multicrop(batch):
     """Batch ``(augmentation dict, label)`` pairs: crops -> list of ``[B, 3, s, s]``; queries ``[B, Q, 3, p, p]``."""
     views, labels = zip(*batch)
     crops = [torch.stack(c) for c in zip(*(v["crops"] for v in views))]
     query_crops = torch.stack([v["query_crops"] for v in views])
     return crops, query_crops, torch.tensor(labels)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the built-in shapes as evaluation folders (see write_shapes).")
+    parser.add_argument("output_dir", help="folder to write classification/ and segmentation/ into")
+    parser.add_argument("--train_size", type=int, default=1600)
+    parser.add_argument("--val_size", type=int, default=600)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_shapes(args.output_dir, args.train_size, args.val_size, args.size, args.seed)
+    print(f"wrote {args.output_dir}/classification/{{train,val}} and {args.output_dir}/segmentation/{{train,val}}")
+
+
+if __name__ == "__main__":
+    main()

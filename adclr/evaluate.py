@@ -1,121 +1,428 @@
-"""Evaluation of a backbone: DINO's weighted k-NN on CLS features, and patch-feature k-NN segmentation."""
+"""Evaluation of a frozen backbone: the pieces ``eval_knn``, ``eval_linear`` and ``eval_seg`` share, and
+``evaluate_backbone``, the evaluation the trainer runs.
+
+- ``load_frozen_backbone``: a ``train.py`` checkpoint (teacher or student), an exported safetensors file,
+  or a timm model name with local weights, so ADCLR and other backbones go through the same protocol.
+- ``FrozenBackbone``: one interface over ADCLR's ViT and timm's ``VisionTransformer``: the CLS token, the
+  CLS tokens of the last n blocks and the patch tokens, all after the final norm (as DINO reads them).
+- ``extract_features``: batched, bf16 on CUDA, sharded over torchrun processes and gathered back into
+  dataset order, so many GPUs give what one gives.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import timm
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import InterpolationMode, v2
+from tqdm import tqdm
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .data import SyntheticShapes
+from .checkpoint import BRANCHES, load_backbone
+from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticShapes, check_same_classes
+from .export import load_exported
+from .training import DistInfo, init_distributed
+
+# ---- transforms ------------------------------------------------------------------------------------
 
 
-def eval_transform(size: int) -> v2.Compose:
+def eval_transform(image_size: int = 224, resize_size: int | None = None) -> v2.Compose:
+    """DINO's evaluation transform: bicubic resize of the short side to ``resize_size`` (default
+    ``image_size * 256 / 224``, i.e. 256 for 224), centre crop ``image_size``, ImageNet normalisation.
+
+    The image becomes a uint8 tensor first, so a PIL image and the same pixels as a tensor give the
+    same result (the built-in data is served as tensors, folders as PIL images).
+    """
+    if resize_size is None:
+        resize_size = round(image_size * 256 / 224)
+    if resize_size < image_size:
+        raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size})")
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(size, antialias=True),
-            v2.CenterCrop(size),
+            v2.Resize(resize_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
 
 
-@torch.no_grad()
-def extract_features(backbone, dataset, batch_size: int, device, patches: bool = False):
-    """L2-normalised CLS features ``[N, C]`` (or patch features ``[N, P, C]``) and labels ``[N]``."""
-    backbone.eval()
-    features, labels = [], []
-    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        out = backbone(images.to(device))
-        features.append(F.normalize((out.patches if patches else out.cls).float(), dim=-1).cpu())
-        labels.append(torch.as_tensor(targets))
-    return torch.cat(features), torch.cat(labels)
+# ---- backbones -------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def knn_classify(
-    train_features, train_labels, test_features, num_classes: int, k: int = 20, T: float = 0.07, chunk: int = 1024
-) -> torch.Tensor:
-    """DINO's weighted k-NN: cosine similarity, top-k neighbours voting with weight exp(sim / T).
+@dataclass
+class BackboneFeatures:
+    """A batch's tokens after the final norm."""
 
-    Features must be L2-normalised. Test rows are processed in chunks, so any test-set size works;
-    ``k`` is capped at the train-set size. Returns predicted labels ``[N_test]``.
+    cls: torch.Tensor  # [B, C]: the last block's CLS token
+    cls_blocks: torch.Tensor  # [B, n, C]: the CLS token of each of the last n blocks (last = ``cls``)
+    patches: torch.Tensor  # [B, H/p * W/p, C]: the last block's patch tokens, row-major
+    grid: tuple[int, int]  # (H/p, W/p)
+
+
+class FrozenBackbone(nn.Module):
+    """ADCLR's ViT or any timm ``VisionTransformer`` (or a model with the same ``forward_intermediates``),
+    read through timm's ``forward_intermediates`` with the final norm applied to every block taken."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not hasattr(model, "forward_intermediates") or not getattr(model, "has_class_token", False):
+            raise ValueError(
+                "the backbone must be a ViT with a CLS token and timm's forward_intermediates; "
+                f"got {type(model).__name__}"
+            )
+        self.model = model
+        patch = model.patch_embed.patch_size
+        self.patch_size = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+        self.embed_dim = model.embed_dim
+        self.depth = len(model.blocks)
+        self.train(model.training)
+
+    def forward(self, images: torch.Tensor, n_last_blocks: int = 1) -> BackboneFeatures:
+        if not 1 <= n_last_blocks <= self.depth:
+            raise ValueError(f"n_last_blocks must be in [1, {self.depth}] for this backbone, got {n_last_blocks}")
+        taken = self.model.forward_intermediates(
+            images,
+            indices=n_last_blocks,
+            return_prefix_tokens=True,
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        cls_blocks = torch.stack([prefix[:, 0] for _, prefix in taken], dim=1)
+        return BackboneFeatures(cls=cls_blocks[:, -1], cls_blocks=cls_blocks, patches=taken[-1][0], grid=grid)
+
+
+def as_frozen(backbone: nn.Module) -> FrozenBackbone:
+    return backbone if isinstance(backbone, FrozenBackbone) else FrozenBackbone(backbone)
+
+
+def load_frozen_backbone(weights: str, which: str = "teacher", arch: str | None = None) -> FrozenBackbone:
+    """The backbone to evaluate, in eval mode with frozen parameters, from one of:
+
+    - a ``train.py`` checkpoint: its ``which`` network (``teacher`` or ``student``);
+    - a ``.safetensors`` file written by ``python -m adclr.export``;
+    - with ``arch``: the timm model ``arch`` with the weights in ``weights`` (a state dict in any format
+      timm reads, e.g. DINO's published backbones with ``arch="vit_small_patch16_224.dino"``); nothing
+      is downloaded.
     """
-    k = min(k, train_features.shape[0])
-    predictions = []
-    for start in range(0, test_features.shape[0], chunk):
-        similarity = test_features[start : start + chunk] @ train_features.T
-        top_sim, top_idx = similarity.topk(k, dim=1)
-        votes = torch.zeros(top_sim.shape[0], num_classes, dtype=top_sim.dtype)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / T).exp())
-        predictions.append(votes.argmax(1))
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    if which not in BRANCHES:
+        raise ValueError(f"which must be one of {BRANCHES}, got {which!r}")
+    if not os.path.isfile(weights):
+        raise ValueError(f"weights file {weights!r} does not exist")
+    if arch:
+        model = _load_timm(arch, weights)
+    elif weights.endswith(".safetensors"):
+        try:
+            model = load_exported(weights)
+        except Exception as error:  # noqa: BLE001 - safetensors/json/timm errors all mean "not our export"
+            raise ValueError(
+                f"{weights!r} is not a backbone exported by adclr.export ({_one_line(error)}); "
+                "for other safetensors weights give the timm architecture with --arch"
+            ) from None
+    else:
+        try:
+            model, _ = load_backbone(weights, which)
+        except Exception as error:  # noqa: BLE001 - unpickling/key errors all mean "not a train.py checkpoint"
+            raise ValueError(
+                f"{weights!r} is not a train.py checkpoint ({_one_line(error)}); "
+                "give a checkpoint.pth, an exported .safetensors file, or a timm --arch with its weights"
+            ) from None
+        model.set_attn_backend("auto")  # checkpoints rebuild on the reference path; evaluate on the fast one
+    return FrozenBackbone(model.eval().requires_grad_(False))
 
 
-def knn_accuracy(
-    backbone, train_set, test_set, num_classes: int, device, batch_size: int = 128, k: int = 20, T: float = 0.07
-) -> float:
-    """Top-1 accuracy (%) of weighted k-NN on the backbone's CLS features."""
-    train_f, train_y = extract_features(backbone, train_set, batch_size, device)
-    test_f, test_y = extract_features(backbone, test_set, batch_size, device)
-    predictions = knn_classify(train_f, train_y, test_f, num_classes, k, T)
-    return 100.0 * (predictions == test_y).float().mean().item()
+def _load_timm(arch: str, weights: str) -> nn.Module:
+    if ":" in arch:
+        raise ValueError(f"arch must be a timm model name (no hub prefix, nothing is downloaded), got {arch!r}")
+    try:
+        return timm.create_model(
+            arch,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=weights),
+            num_classes=0,
+            dynamic_img_size=True,
+        )
+    except Exception as error:  # noqa: BLE001 - unknown name, unreadable file, mismatched keys
+        message = f"cannot build timm model {arch!r} from {weights!r}: {_one_line(error)}"
+        raise ValueError(message) from None
 
 
-def mean_iou(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Mean intersection-over-union (%) over the classes present in prediction or target."""
-    ious = []
-    for c in range(num_classes):
-        union = ((prediction == c) | (target == c)).sum()
-        if union > 0:
-            ious.append(((prediction == c) & (target == c)).sum().float() / union)
-    return 100.0 * torch.stack(ious).mean().item()
+def _one_line(error: Exception, limit: int = 400) -> str:
+    """``error`` as one line of at most ``limit`` characters (load_state_dict lists every mismatch)."""
+    text = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _WithMasks(torch.utils.data.Dataset):
-    def __init__(self, dataset: SyntheticShapes, transform):
-        self.dataset, self.transform = dataset, transform
+# ---- feature extraction ----------------------------------------------------------------------------
 
-    def __len__(self):
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPUs without bf16 units run it slower)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def progress(iterable, desc: str, dist_info: DistInfo | None = None, **kwargs):
+    """A tqdm bar on the main process when stderr is a terminal; silent otherwise (logs, other ranks)."""
+    main = dist_info is None or dist_info.is_main
+    return tqdm(iterable, desc=desc, disable=not (main and sys.stderr.isatty()), dynamic_ncols=True, **kwargs)
+
+
+class _Indexed(Dataset):
+    """``(item..., index)``: the index travels with the batch so gathered rows land in dataset order."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index):
-        image, mask, _ = self.dataset.generate(index)
-        return self.transform(image), mask
+    def __getitem__(self, index: int):
+        return *self.dataset[index], index
 
 
-def dense_knn_miou(
-    backbone,
-    train_set: SyntheticShapes,
-    test_set: SyntheticShapes,
-    image_size: int,
-    device,
-    k: int = 20,
-    T: float = 0.07,
-    max_train_patches: int = 50_000,
-) -> float:
-    """Segmentation by k-NN over patch features: each test patch takes its neighbours' patch labels.
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
-    A train patch's label is the majority class of its pixels; predictions are upsampled to pixels
-    (nearest) and scored by mIoU over background + shape classes.
+
+@torch.no_grad()
+def extract_features(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    dist_info: DistInfo | None = None,
+    dtype: torch.dtype = torch.float32,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(images)`` over ``dataset`` (items ``(image tensor, target)``): ``(features [N, ...], targets [N, ...])``
+    on the CPU in ``dtype``, in dataset order, on every process.
+
+    Under torchrun each process extracts one shard (``DistributedSampler``, padded to equal shards) and
+    every batch is all-gathered with its dataset indices, as DINO's ``eval_knn.py`` does; padding
+    repeats an image, which writes the same row twice. Targets must collate to tensors of one shape.
     """
-    transform = eval_transform(image_size)
-    train_f, train_masks = extract_features(backbone, _WithMasks(train_set, transform), 128, device, patches=True)
-    test_f, test_masks = extract_features(backbone, _WithMasks(test_set, transform), 128, device, patches=True)
-    num_classes = SyntheticShapes.num_classes + 1
-    grid = int(train_f.shape[1] ** 0.5)
+    distributed = dist_info is not None and dist_info.enabled
+    sampler = DistributedSampler(dataset, dist_info.world_size, dist_info.rank, shuffle=False) if distributed else None
+    loader = DataLoader(
+        _Indexed(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # leaves the caller's random stream alone
+    )
+    features = targets = None
+    for images, batch_targets, index in progress(loader, desc, dist_info):
+        with autocast(device):
+            out = fn(images.to(device, non_blocking=True))
+        out, batch_targets, index = out.to(dtype), torch.as_tensor(batch_targets), torch.as_tensor(index)
+        if distributed:
+            comm = torch.device("cpu") if dist.get_backend() == "gloo" else device
+            index = _all_gather(index.to(comm))
+            out = _all_gather(out.to(comm))
+            batch_targets = _all_gather(batch_targets.to(comm))
+        if features is None:
+            features = torch.empty(len(dataset), *out.shape[1:], dtype=dtype)
+            targets = torch.empty(len(dataset), *batch_targets.shape[1:], dtype=batch_targets.dtype)
+        index = index.cpu()
+        features.index_copy_(0, index, out.cpu())
+        targets.index_copy_(0, index, batch_targets.cpu())
+    return features, targets
 
-    def patch_labels(masks):
-        one_hot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()
-        return F.adaptive_avg_pool2d(one_hot, grid).argmax(1).flatten(1)
 
-    train_f, train_y = train_f.flatten(0, 1), patch_labels(train_masks).flatten()
-    if train_f.shape[0] > max_train_patches:
-        keep = torch.randperm(train_f.shape[0], generator=torch.Generator().manual_seed(0))[:max_train_patches]
-        train_f, train_y = train_f[keep], train_y[keep]
-    predicted = knn_classify(train_f, train_y, test_f.flatten(0, 1), num_classes, k, T).view(-1, 1, grid, grid)
-    pixels = F.interpolate(predicted.float(), size=test_masks.shape[-2:], mode="nearest").long()[:, 0]
-    return mean_iou(pixels, test_masks, num_classes)
+# ---- commands ----------------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, image_size: int, batch_size: int) -> None:
+    """The backbone, data and output flags every evaluation command takes."""
+    model = parser.add_argument_group("backbone")
+    model.add_argument(
+        "--weights",
+        required=True,
+        help="a train.py checkpoint.pth, a .safetensors file from adclr.export, or (with --arch) timm weights",
+    )
+    model.add_argument("--which", choices=BRANCHES, default="teacher", help="network of a train.py checkpoint")
+    model.add_argument(
+        "--arch", help="timm model name whose weights --weights holds, e.g. vit_small_patch16_224.dino (no download)"
+    )
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--data_path", required=True, help="folder with train/ and val/")
+    data.add_argument("--image_size", type=int, default=image_size, help="input side in pixels")
+    data.add_argument("--batch_size_per_gpu", type=int, default=batch_size)
+    data.add_argument("--num_workers", type=int, default=8, help="data-loading processes per GPU")
+    data.add_argument("--output_dir", default=".", help="where the results JSON goes")
+    data.add_argument("--seed", type=int, default=0)
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def positive(name: str, value, minimum=1) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def split_folders(data_path: str) -> tuple[str, str]:
+    if not os.path.isdir(data_path):
+        raise ValueError(f"data_path {data_path!r} is not a folder; expected a folder with train/ and val/")
+    return os.path.join(data_path, "train"), os.path.join(data_path, "val")
+
+
+def check_eval_folders(data_path: str) -> None:
+    """Cheap start-up check of an evaluation folder: ``train/`` and ``val/`` exist and name the same class
+    sub-folders (the images themselves are listed when the evaluation runs)."""
+    train_dir, val_dir = split_folders(data_path)
+    classes = []
+    for folder in (train_dir, val_dir):
+        if not os.path.isdir(folder):
+            raise ValueError(f"{data_path!r} has no {os.path.basename(folder)}/ folder; expected train/ and val/")
+        classes.append(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
+        if not classes[-1]:
+            raise ValueError(f"{folder!r} has no class sub-folders (ImageFolder layout: <class>/<image>)")
+    check_same_classes(*classes)
+
+
+def setup_device() -> tuple[torch.device, DistInfo]:
+    """CUDA (the local rank's GPU under torchrun) when present, else the CPU; joins torchrun's process group."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    return device, dist_info
+
+
+def backbone_description(args: argparse.Namespace) -> dict:
+    checkpoint = not args.arch and not args.weights.endswith(".safetensors")
+    return {"weights": args.weights, "which": args.which if checkpoint else None, "arch": args.arch}
+
+
+def write_results(output_dir: str, name: str, results: dict) -> str:
+    """``output_dir/name`` written atomically (NaN-free JSON); returns its path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, name)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_command(parser: argparse.ArgumentParser, argv, body: Callable[[argparse.Namespace], None]) -> None:
+    """Parse ``argv`` and run ``body``; bad input ends with one ``error:`` line and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        body(args)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- the trainer's evaluation -------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """What ``evaluate_backbone`` evaluates on, and how.
+
+    ``data_path``: a folder with ``train/`` and ``val/`` ImageFolder trees for the k-NN; ``None`` uses
+    the built-in shapes (``builtin_*`` sizes at ``image_size`` px, ``seed``) and adds the dense probe on
+    their masks (the first quarter of the train images, the first half of the val images). The shapes
+    are generated in memory (about a millisecond an image); reading them from ``write_shapes``
+    folders through the commands' datasets gives the same numbers (tests/test_eval_*.py check it).
+    """
+
+    data_path: str | None = None
+    image_size: int = 224
+    resize_size: int | None = None  # None: DINO's image_size * 256 / 224
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 128
+    num_workers: int = 0
+    seed: int = 0
+    builtin_train_size: int = 1600
+    builtin_val_size: int = 600
+    seg_epochs: int = 10  # the dense probe on the built-in masks: small images, so larger batches
+    seg_lr: float = 1e-2
+    seg_batch_size: int = 64
+
+
+def evaluate_backbone(backbone: nn.Module, config: EvalConfig, device: torch.device) -> dict[str, float]:
+    """The trainer's periodic and final evaluation of ``backbone`` (ADCLR's ViT or a timm ViT).
+
+    Returns ``knn_top1`` and ``knn_top5`` (weighted k-NN on the CLS token, ``config.k`` neighbours,
+    ``eval_knn``'s code; top-5 only with more than 5 classes) and, on the built-in data,
+    ``dense_miou`` (``eval_seg``'s linear segmentation probe on the shapes' masks). Seeded: the same
+    backbone gives the same numbers, and the caller's random state is left untouched. Runs in the
+    calling process alone (no collectives); the backbone's train/eval mode is restored.
+    """
+    from .eval_knn import knn_evaluate  # the protocol modules import this one, hence the late imports
+    from .eval_seg import seg_probe, seg_transform
+
+    was_training = backbone.training
+    frozen = as_frozen(backbone).eval()
+    transform = eval_transform(config.image_size, config.resize_size)
+    size, seed = config.image_size, config.seed
+    if config.data_path:
+        train_dir, val_dir = split_folders(config.data_path)
+        train_set, val_set = LabelledImages(train_dir, transform), LabelledImages(val_dir, transform)
+        check_same_classes(train_set.classes, val_set.classes)
+    else:
+        train_set = SyntheticShapes(config.builtin_train_size, size, "train", seed, transform)
+        val_set = SyntheticShapes(config.builtin_val_size, size, "test", seed, transform)
+    knn = knn_evaluate(
+        frozen,
+        train_set,
+        val_set,
+        num_classes=len(train_set.classes),
+        ks=(config.k,),
+        temperature=config.temperature,
+        batch_size=config.batch_size,
+        device=device,
+        num_workers=config.num_workers,
+    )
+    results = {"knn_top1": knn[config.k]["top1"]}
+    if knn[config.k]["top5"] is not None:
+        results["knn_top5"] = knn[config.k]["top5"]
+    if not config.data_path:  # a quarter of the train images and half the val images keep the cost down
+        seg_train_transform, seg_val_transform = seg_transform(size, resize_mask=True), seg_transform(size)
+        seg = seg_probe(
+            frozen,
+            SyntheticShapes(config.builtin_train_size // 4, size, "train", seed, seg_train_transform, "mask"),
+            SyntheticShapes(config.builtin_val_size // 2, size, "test", seed, seg_val_transform, "mask"),
+            num_classes=len(SEGMENTATION_CLASSES),
+            epochs=config.seg_epochs,
+            lr=config.seg_lr,
+            batch_size=config.seg_batch_size,
+            extract_batch_size=config.batch_size,
+            device=device,
+            num_workers=config.num_workers,
+            seed=config.seed,
+        )
+        results["dense_miou"] = seg["miou"]
+    backbone.train(was_training)
+    return results

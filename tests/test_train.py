@@ -214,3 +214,29 @@ def test_unreadable_images_are_skipped(tmp_path):
         ImageFiles(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="data_path"):
         ImageFiles(str(tmp_path / "missing"))
+
+
+def test_eval_data_path_drives_the_evaluation(tmp_path):
+    """--eval_data_path: the k-NN runs on that folder (the teacher's number equals evaluate_backbone's
+    on the checkpoint's teacher), without the built-in dense probe; a bad folder stops before training."""
+    from adclr.data import write_shapes
+    from adclr.evaluate import EvalConfig, evaluate_backbone
+
+    write_shapes(str(tmp_path / "shapes"), train_size=30, val_size=12, size=32, seed=5)
+    folder = str(tmp_path / "shapes" / "classification")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = train(run_dir, "--epochs", "1", "--eval_data_path", folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"k-NN top-1 on {folder}" in result.stdout
+    record = log_records(run_dir)[-1]
+    assert "dense_miou_teacher" not in record and "dense_miou_random_init" not in record
+    teacher, _ = load_backbone(str(run_dir / "checkpoint.pth"))
+    expected = evaluate_backbone(teacher, EvalConfig(data_path=folder, image_size=32), torch.device("cpu"))
+    assert record["knn_top1_teacher"] == pytest.approx(expected["knn_top1"], abs=1e-9)
+
+    missing = tmp_path / "missing_eval"
+    bad_run = tmp_path / "bad_run"
+    result = train(bad_run, "--epochs", "1", "--eval_data_path", str(missing))
+    assert result.returncode != 0 and "--eval_data_path" in result.stderr and "not a folder" in result.stderr
+    assert not bad_run.exists()
