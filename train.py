@@ -168,6 +168,7 @@ def check_device(cfg: TrainConfig, device_type: str, interpreter: bool) -> list[
 
 
 def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
+    """The run: device checks, data, networks, resume, then epochs of training, checkpoints and evaluation."""
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
     from tqdm import tqdm

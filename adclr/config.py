@@ -100,11 +100,12 @@ class Bounds:
     @property
     def condition(self) -> str:
         """The range alone: ``>= 1``, ``in (0, 1]``."""
+        low, high = (f"{value:g}" if isinstance(value, float) else value for value in (self.low, self.high))
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{self.low:g}, {self.high:g}{right}"
+            return f"in {left}{low}, {high}{right}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         return ""
 
     def accepts(self, value: Any) -> bool:

@@ -278,3 +278,11 @@ def test_export_and_visualize_end_user_errors_in_one_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, cwd=tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr, command
         assert result.stderr.splitlines()[-1].split("visualize.py: ")[-1].startswith(message), (command, result.stderr)
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    (documented,) = [line.split(" && ")[-1] for line in readme.splitlines() if "python -m pytest" in line]
+    (run,) = [line for line in ci.splitlines() if line.startswith("python -m pytest")]
+    assert documented == run and "--durations=15" in run
