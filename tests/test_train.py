@@ -113,8 +113,7 @@ def without_speed(records):
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
     """A finished two-epoch run (its process and output folder), shared by the tests that read it."""
-    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"
-    run_dir.mkdir()
+    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"  # train.py creates it
     result = train(run_dir, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return result, run_dir
