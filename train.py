@@ -6,7 +6,11 @@
 ``--preset`` sets the size-related flags (table below): ``builtin`` trains in minutes on a laptop CPU,
 ``paper`` is the paper's ViT-S/16 recipe; the default is ``builtin`` without ``--data_path`` and
 ``paper`` with it, and any flag you pass wins over its preset value. Every other default is the
-paper's. A restart with the same ``--output_dir`` resumes from ``checkpoint.pth``.
+paper's. A restart with the same ``--output_dir`` resumes from ``checkpoint.pth`` (or, if that file is
+corrupt, from the newest readable ``checkpointNNNN.pth``).
+
+A mistake in a flag, a path, the data or a checkpoint ends the run with one line and exit status 2,
+before anything is written; ``--debug`` (or ``ADCLR_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,19 +21,22 @@ import json
 import os
 import time
 
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+# Only the standard library and torch-free project modules at the top: --help and a mistake in a flag or
+# a path answer before torch loads (a minute on a loaded machine). train() imports the rest.
+from adclr.choices import ARCHS, ATTN_BACKENDS, PRECISIONS, QUERY_KEY_RULES
+from adclr.cli import (
+    UserError,
+    add_debug_flag,
+    require_eval_folders,
+    require_folder,
+    require_writable_folder,
+    user_errors,
+)
+from adclr.config import BOUNDS, PAIRS, PRESETS, ConfigError, TrainConfig, field_default, make_config, preset_table
 
-from adclr import engine
-from adclr.augment import MultiCropAugmentation, MultiCropConfig
-from adclr.checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
-from adclr.config import PRESETS, TrainConfig, field_default, make_config, preset_table
-from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
-from adclr.evaluate import EvalConfig, check_eval_folders, evaluate_backbone
-from adclr.kernels import BACKENDS, QUERY_KEY_RULES
-from adclr.model import ARCHS
-from adclr.training import init_distributed, seed_everything
+# Each step the fp16 gradient scaler skips halves its scale: 30 in a row take it from 2**16 to 2**-14,
+# past any overflow a sound run recovers from (a start-up typically skips a handful).
+MAX_SKIPPED_STEPS = 30
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,37 +50,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     def flag(name: str, help: str = "", default_text: str | None = None, **kwargs) -> None:
-        """A config field's flag; its help ends with the default, or says that --preset sets it."""
+        """A config field's flag: a numeric one parses with the field's ``BOUNDS`` (argparse refuses a value
+        out of range with the flag's name and the range); its help ends with the range and the default."""
         if default_text is None:
             default = field_default(name)
             default = " ".join(map(str, default)) if isinstance(default, tuple) else default
             default_text = "set by --preset" if name in PRESETS["paper"] else f"default: {default}"
+        if name in BOUNDS:
+            kwargs["type"] = BOUNDS[name].parse
+            accepted = f"two numbers {BOUNDS[name].condition}, min <= max" if name in PAIRS else BOUNDS[name]
+            default_text = f"{accepted}; {default_text}"
         p.add_argument(f"--{name}", help=f"{help} ({default_text})".lstrip(), **kwargs)
 
     p.add_argument(
         "--preset", choices=tuple(PRESETS), help="size-related defaults (default: builtin, or paper with --data_path)"
     )
     # Model
-    flag("arch", "ViT size", choices=sorted(ARCHS))
-    flag("patch_size", "patch size in pixels", type=int)
-    flag("out_dim", "head output dimension K", type=int)
-    flag("head_hidden_dim", "head MLP width", type=int)
-    flag("head_bottleneck_dim", "head bottleneck width", type=int)
+    flag("arch", "ViT size", choices=tuple(ARCHS))
+    flag("patch_size", "patch size in pixels")
+    flag("out_dim", "head output dimension K")
+    flag("head_hidden_dim", "head MLP width")
+    flag("head_bottleneck_dim", "head bottleneck width")
     flag("norm_last_layer", "freeze the weight norm of the head's last layer", type=_bool)
     flag("separate_query_head", "query tokens get their own head", action="store_true")
-    flag("drop_path_rate", "stochastic depth of the student", type=float)
-    flag("attn_backend", "attention implementation", choices=BACKENDS)
+    flag("drop_path_rate", "stochastic depth of the student")
+    flag("attn_backend", "attention implementation", choices=ATTN_BACKENDS)
     # ADCLR
-    flag("num_query", "query crops per image Q", type=int)
-    flag("query_scale", "area range of query crops", type=float, nargs=2)
-    flag("lambda_query", "weight of the query loss (lambda)", type=float)
+    flag("num_query", "query crops per image Q")
+    flag("query_scale", "area range of query crops", nargs=2)
+    flag("lambda_query", "weight of the query loss (lambda)")
     flag("query_keys", "keys a query token sees", choices=QUERY_KEY_RULES)
     flag("bidirectional", "full attention (the paper's collapsing ablation)", action="store_true")
     # Teacher and loss
-    flag("momentum_teacher", "EMA momentum start, cosine to 1", type=float)
-    flag("warmup_teacher_temp", "teacher temperature at the start of its warm-up", type=float)
-    flag("teacher_temp", "teacher temperature after warm-up", type=float)
-    flag("warmup_teacher_temp_epochs", "teacher temperature warm-up", type=int)
+    flag("momentum_teacher", "EMA momentum start, cosine to 1")
+    flag("warmup_teacher_temp", "teacher temperature at the start of its warm-up")
+    flag("teacher_temp", "teacher temperature after warm-up")
+    flag("warmup_teacher_temp_epochs", "teacher temperature warm-up")
     flag(
         "fused_loss",
         "apply the heads' last layer inside the chunked loss, never materialising [tokens, K] logits; "
@@ -84,43 +96,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     flag(
         "precision",
         "autocast dtype; fp32 runs without autocast",
-        choices=("fp32", "bf16", "fp16"),
-        default_text="default: bf16 on CUDA, fp32 on CPU",
+        choices=PRECISIONS,
+        default_text="default: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA",
     )
-    flag("weight_decay", "weight decay at the start of its cosine schedule", type=float)
-    flag("weight_decay_end", "final weight decay of the cosine schedule", type=float)
-    flag("clip_grad", "per-parameter gradient norm clip (0: off)", type=float)
-    flag("batch_size_per_gpu", "images per process", type=int)
-    flag("epochs", type=int)
-    flag("freeze_last_layer", "epochs with the head's last layer frozen", type=int)
-    flag("lr", "peak learning rate at batch 256 (linearly scaled)", type=float)
-    flag("warmup_epochs", "linear learning-rate warm-up", type=int)
-    flag("min_lr", "final learning rate of the cosine schedule", type=float)
+    flag("weight_decay", "weight decay at the start of its cosine schedule")
+    flag("weight_decay_end", "final weight decay of the cosine schedule")
+    flag("clip_grad", "per-parameter gradient norm clip (0: off)")
+    flag("batch_size_per_gpu", "images per process")
+    flag("epochs")
+    flag("freeze_last_layer", "epochs with the head's last layer frozen")
+    flag("lr", "peak learning rate at batch 256 (linearly scaled)")
+    flag("warmup_epochs", "linear learning-rate warm-up")
+    flag("min_lr", "final learning rate of the cosine schedule")
     # Augmentation
-    flag("global_size", "global crop size", type=int)
-    flag("local_size", "local crop size", type=int)
-    flag("global_crops_scale", "area range of global crops", type=float, nargs=2)
-    flag("local_crops_number", "local crops per image", type=int)
-    flag("local_crops_scale", "area range of local crops", type=float, nargs=2)
+    flag("global_size", "global crop size")
+    flag("local_size", "local crop size")
+    flag("global_crops_scale", "area range of global crops", nargs=2)
+    flag("local_crops_number", "local crops per image")
+    flag("local_crops_scale", "area range of local crops", nargs=2)
     # Data, evaluation, output
     flag(
         "data_path",
         "ImageFolder tree or flat folder of images",
         default_text="default: the built-in shapes; switches the default preset to paper",
     )
-    flag("builtin_train_size", "images in the built-in training split", type=int)
-    flag("builtin_test_size", "images in the built-in test split", type=int)
-    flag("eval_every", "k-NN evaluation every N epochs (0: only at the end)", type=int)
+    flag("builtin_train_size", "images in the built-in training split")
+    flag("builtin_test_size", "images in the built-in test split")
+    flag("eval_every", "k-NN evaluation every N epochs (0: only at the end)")
     flag(
         "eval_data_path",
         "folder with train/ and val/ ImageFolder trees for the periodic and final k-NN",
         default_text="default: the built-in shapes, with their dense segmentation probe",
     )
     flag("output_dir")
-    flag("saveckp_freq", "also keep checkpoint{epoch}.pth every N epochs", type=int)
-    flag("seed", type=int)
-    flag("num_workers", type=int)
+    flag("saveckp_freq", "also keep checkpoint{epoch}.pth every N epochs")
+    flag("seed")
+    flag("num_workers")
     flag("tensorboard", "also log to TensorBoard (needs tensorboard)", action="store_true")
+    add_debug_flag(p)
     return p
 
 
@@ -131,25 +144,70 @@ def _bool(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    flags = vars(get_args_parser().parse_args(argv))  # only the flags given on the command line
+    """Parse and check the command line (without torch), then train; a user's mistake exits 2 in one line."""
+    parser = get_args_parser()
+    flags = vars(parser.parse_args(argv))  # only the flags given on the command line
+    debug = flags.pop("debug", False)
     preset = flags.pop("preset", None)
-    cfg = make_config(preset, **flags)
+    try:
+        cfg = make_config(preset, **flags)
+    except ConfigError as error:  # a value out of range given another one (sizes and the patch size)
+        parser.error(f"argument --{error.field}: {error.message}")
+    with user_errors(debug):
+        if cfg.data.data_path:
+            require_folder(cfg.data.data_path, "--data_path")
+        if cfg.run.eval_data_path:
+            require_eval_folders(cfg.run.eval_data_path, "--eval_data_path")
+        require_writable_folder(cfg.run.output_dir, "--output_dir")
+        train(cfg, flags, chosen_preset=preset is not None)
+
+
+def check_device(cfg: TrainConfig, device_type: str, interpreter: bool) -> list[str]:
+    """What the run asks of the device, checked before any data is read: raises ``UserError`` for what cannot
+    run here, returns notes on what runs but is likely not what was meant."""
+    if cfg.model.attn_backend == "triton" and device_type != "cuda" and not interpreter:
+        raise UserError(
+            "--attn_backend triton needs a CUDA GPU and there is none (on CPU the Triton kernel runs only "
+            "under TRITON_INTERPRET=1, for tests); use --attn_backend auto (the exact SDPA fallback here) or sdpa"
+        )
+    if cfg.optim.precision == "fp16" and device_type != "cuda":
+        raise UserError(
+            "--precision fp16 needs a CUDA GPU: on CPU fp16 autocast is about 2x slower than fp32 and its "
+            "gradient scaler skips the first steps (a short run never updates); use --precision fp32 "
+            "(the CPU default) or bf16"
+        )
+    if cfg.optim.precision == "bf16" and device_type != "cuda":
+        return ["--precision bf16 on CPU runs, but is faster than fp32 only on CPUs with bf16 matrix units"]
+    return []
+
+
+def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
+    """The run: device checks, data, networks, resume, then epochs of training, checkpoints and evaluation."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tqdm import tqdm
+
+    from adclr import engine
+    from adclr.augment import MultiCropAugmentation, MultiCropConfig
+    from adclr.checkpoint import LATEST, find_resumable, restore, save_checkpoint, set_aside
+    from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
+    from adclr.files import atomic_write
+    from adclr.kernels import interpreter_enabled
+    from adclr.training import init_distributed, seed_everything
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg.optim.precision = cfg.optim.precision or engine.default_precision(device)
+    notes = check_device(cfg, device.type, interpreter_enabled())
     dist_info = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     main_process = dist_info.is_main
-    if cfg.run.eval_data_path:
-        try:
-            check_eval_folders(cfg.run.eval_data_path)
-        except ValueError as error:
-            raise SystemExit(f"--eval_data_path: {error}") from None
-    os.makedirs(cfg.run.output_dir, exist_ok=True)
-    checkpoint_path = os.path.join(cfg.run.output_dir, "checkpoint.pth")
+    checkpoint_path = os.path.join(cfg.run.output_dir, LATEST)
     log = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
-    log(describe_preset(cfg, flags, chosen=preset is not None))
+    log(describe_preset(cfg, flags, chosen_preset))
     log("config: " + json.dumps(cfg.to_dict()))
+    for note in notes:
+        log(f"note: {note}")
 
     # ---- data: multi-crop views + query crops of every image -------------------------------------
     data = cfg.data
@@ -184,7 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     iters_per_epoch = len(loader)
     if iters_per_epoch == 0:
-        raise SystemExit(f"{len(dataset)} images are fewer than one batch of {batch_size} per process")
+        source = f"--data_path {data.data_path}" if data.data_path else "the built-in set (--builtin_train_size)"
+        processes = f" on each of {dist_info.world_size} processes" if dist_info.enabled else ""
+        raise UserError(
+            f"{source} has {len(dataset)} images, fewer than one batch of {batch_size} per process{processes}; "
+            "lower --batch_size_per_gpu"
+        )
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
 
     # ---- student, teacher (EMA of the student), loss, optimizer; per-iteration schedules -----------
     state = engine.build_train_state(cfg, device, distributed=dist_info.enabled)
@@ -192,19 +256,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- resume ------------------------------------------------------------------------------------
     start_epoch, history = 0, []
-    if os.path.exists(checkpoint_path):
-        try:
-            saved = load_checkpoint(checkpoint_path)
-            restore(saved, state)
-        except CheckpointError as error:
-            raise SystemExit(f"cannot resume: {error}. Move it away or choose another --output_dir.") from None
+    saved, corrupt = find_resumable(cfg.run.output_dir)
+    if dist_info.enabled:
+        torch.distributed.barrier()  # every process has read its checkpoint before a corrupt one is renamed
+    if main_process:
+        for path, reason in corrupt:
+            log(f"warning: {reason}; moved it to {set_aside(path)}")
+    if saved:
+        restore(saved, state)
         start_epoch, history = saved.epoch, saved.history
         now = cfg.flat()
         changed = {name: (value, now[name]) for name, value in saved.config.flat().items() if value != now[name]}
-        log(
-            f"resumed from {checkpoint_path} at epoch {start_epoch}"
-            + (f"; changed since: {changed}" if changed else "")
-        )
+        log(f"resumed from {saved.path} at epoch {start_epoch}" + (f"; changed since: {changed}" if changed else ""))
 
     writer = None
     if cfg.run.tensorboard and main_process:
@@ -212,15 +275,53 @@ def main(argv: list[str] | None = None) -> None:
 
         writer = SummaryWriter(os.path.join(cfg.run.output_dir, "tensorboard"))
 
-    # ---- training ------------------------------------------------------------------------------------
     epochs, total_batch = cfg.optim.epochs, batch_size * dist_info.world_size
+    log_path = os.path.join(cfg.run.output_dir, "log.jsonl")
     evaluation: dict = {}
     baseline: dict = {}  # the random-init metrics: computed once, at the first evaluation
+
+    def save_epoch(epoch: int) -> None:
+        """``checkpoint.pth`` after ``epoch`` epochs (and ``checkpointNNNN.pth`` every ``saveckp_freq``)."""
+        save_checkpoint(checkpoint_path, state, cfg, epoch, history)
+        if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0:
+            save_checkpoint(os.path.join(cfg.run.output_dir, f"checkpoint{epoch:04d}.pth"), state, cfg, epoch, history)
+
+    def finish_epoch(record: dict) -> None:
+        """After an epoch's checkpoint: its evaluation if one is due (the checkpoints rewritten with the
+        results), then ``log.jsonl`` rewritten from the history and TensorBoard."""
+        nonlocal evaluation, baseline
+        epoch = record["epoch"]
+        if epoch == epochs or (cfg.run.eval_every and epoch % cfg.run.eval_every == 0):
+            baseline = baseline or evaluate(cfg, engine.random_init_backbone(cfg).to(device), device, "random_init")
+            evaluation = {**evaluate(cfg, state.teacher.backbone, device, "teacher"), **baseline}
+            record.update(evaluation)
+            log("evaluation: " + json.dumps(evaluation))
+            save_epoch(epoch)
+        with atomic_write(log_path, "w") as f:  # one line per epoch of the history: none lost, none twice
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        if writer:
+            for key, value in record.items():
+                writer.add_scalar(key, value, epoch)
+
+    def kept() -> str:
+        exists = os.path.exists(checkpoint_path)
+        return f"the last good checkpoint is {checkpoint_path}" if exists else "no checkpoint was written yet"
+
+    # A run stopped after an epoch's checkpoint but before its end (during its evaluation, say), or resumed
+    # from an older numbered checkpoint, finishes that epoch first: log.jsonl then matches the history.
+    if main_process and history and _logged_epochs(log_path) != [r["epoch"] for r in history]:
+        finish_epoch(history[-1])
+    if start_epoch >= epochs:
+        log(f"{checkpoint_path} is at epoch {start_epoch}: nothing left to train for --epochs {epochs}")
+
+    # ---- training ------------------------------------------------------------------------------------
+    skipped_in_a_row = 0  # optimizer steps the fp16 gradient scaler skipped (non-finite gradients)
     for epoch in range(start_epoch, epochs):
         seed_everything(cfg.run.seed + 1000 * epoch + dist_info.rank)  # augmentations, drop-path: resumable
         sampler.set_epoch(epoch)
         state.student.train()
         sums = {"loss": 0.0, "cls": 0.0, "query": 0.0}
+        skipped = 0
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, dynamic_ncols=True)
         tic = time.perf_counter()
         for it, (crops, query_crops, _) in enumerate(progress):
@@ -229,15 +330,24 @@ def main(argv: list[str] | None = None) -> None:
             # Without a query loss (Q = 0 or lambda = 0) the query tokens would be computed for nothing.
             use_queries = data.num_query > 0 and cfg.loss.lambda_query != 0
             query_crops = query_crops.to(device, non_blocking=True) if use_queries else None
+            scale = state.scaler.get_scale()  # 1.0 (and no GPU sync) unless fp16
             try:
                 losses = engine.training_step(state, crops, query_crops, settings)
             except engine.NonFiniteLossError as error:
-                kept = (
-                    f"the last good checkpoint is {checkpoint_path}"
-                    if os.path.exists(checkpoint_path)
-                    else "no checkpoint was written yet"
-                )
-                raise SystemExit(f"{error} at epoch {epoch + 1}, iteration {it}; stopping training ({kept}).") from None
+                raise SystemExit(
+                    f"{error} at epoch {epoch + 1}, iteration {it}; stopping training ({kept()})."
+                ) from None
+            if state.scaler.get_scale() < scale:  # the scaler found non-finite gradients and skipped the update
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                if skipped_in_a_row == MAX_SKIPPED_STEPS:
+                    raise SystemExit(
+                        f"the fp16 gradient scaler skipped the last {MAX_SKIPPED_STEPS} optimizer steps in a row "
+                        f"(non-finite gradients every time; loss scale now {state.scaler.get_scale():.1e}) at epoch "
+                        f"{epoch + 1}, iteration {it}; stopping training ({kept()}). Try --precision bf16 or fp32, "
+                        "or a lower --lr."
+                    )
+            else:
+                skipped_in_a_row = 0
 
             values = dataclasses.asdict(losses)
             for name, value in values.items():
@@ -257,25 +367,12 @@ def main(argv: list[str] | None = None) -> None:
             "teacher_temp": settings.teacher_temp,
             "images_per_s": images_per_s,
         }
-        last_epoch = epoch + 1 == epochs
-        if main_process and (last_epoch or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0)):
-            baseline = baseline or evaluate(cfg, engine.random_init_backbone(cfg).to(device), device, "random_init")
-            evaluation = {**evaluate(cfg, state.teacher.backbone, device, "teacher"), **baseline}
-            record.update(evaluation)
-            log("evaluation: " + json.dumps(evaluation))
+        if state.scaler.is_enabled():
+            record["skipped_steps"] = skipped
         history.append(record)
-
         if main_process:
-            save_checkpoint(checkpoint_path, state, cfg, epoch + 1, history)
-            if cfg.run.saveckp_freq and (epoch + 1) % cfg.run.saveckp_freq == 0:
-                save_checkpoint(
-                    os.path.join(cfg.run.output_dir, f"checkpoint{epoch + 1:04d}.pth"), state, cfg, epoch + 1, history
-                )
-            with open(os.path.join(cfg.run.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer:
-                for key, value in record.items():
-                    writer.add_scalar(key, value, epoch + 1)
+            save_epoch(epoch + 1)  # before any evaluation: a run stopped during it keeps this epoch
+            finish_epoch(record)
         if dist_info.enabled:
             torch.distributed.barrier()
 
@@ -283,6 +380,20 @@ def main(argv: list[str] | None = None) -> None:
         log(summary(cfg, evaluation))
     if dist_info.enabled:
         torch.distributed.destroy_process_group()
+
+
+def _logged_epochs(log_path: str) -> list:
+    """The epochs ``log.jsonl`` holds lines for, in order (None for a line that does not parse)."""
+    if not os.path.exists(log_path):
+        return []
+    epochs = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                epochs.append(json.loads(line)["epoch"])
+            except (ValueError, KeyError, TypeError):
+                epochs.append(None)
+    return epochs
 
 
 def describe_preset(cfg: TrainConfig, flags: dict, chosen: bool) -> str:
@@ -299,6 +410,8 @@ def describe_preset(cfg: TrainConfig, flags: dict, chosen: bool) -> str:
 def evaluate(cfg: TrainConfig, backbone, device, name: str) -> dict:
     """Weighted k-NN on CLS features (``--eval_data_path``, else the built-in shapes, which add the linear
     segmentation probe on patch features); keys carry ``name`` (teacher or random_init)."""
+    from adclr.evaluate import EvalConfig, evaluate_backbone
+
     eval_data_path = cfg.run.eval_data_path
     config = EvalConfig(
         data_path=eval_data_path,
@@ -313,6 +426,8 @@ def evaluate(cfg: TrainConfig, backbone, device, name: str) -> dict:
 
 def summary(cfg: TrainConfig, evaluation: dict) -> str:
     """One line: the teacher's metrics next to the same architecture at random initialisation."""
+    from adclr.data import SyntheticShapes
+
     where = cfg.run.eval_data_path or "the built-in shapes"
     chance = "" if cfg.run.eval_data_path else f", chance: {100 / SyntheticShapes.num_classes:.1f}%"
     line = (

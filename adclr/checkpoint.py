@@ -11,12 +11,15 @@ A checkpoint is a dict of tensors and plain containers, saved with ``torch.save`
 
 Files this repository wrote before the format had a version (a flat ``args`` dict of the command
 line and a ``random_init`` backbone) are converted when read; anything else is refused with a
-``CheckpointError`` that names the file and says why.
+``CheckpointError`` that names the file and says why (a ``CorruptCheckpointError`` when the file is
+torn or not written by ``torch.save`` at all). ``find_resumable`` picks the checkpoint a run resumes
+from, falling back from a corrupt ``checkpoint.pth`` to the newest readable ``checkpointNNNN.pth``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import pickle
 import re
@@ -26,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cli import UserError
 from .config import PRESETS, TrainConfig, default_preset, make_config
 from .engine import TrainState, build_backbone
+from .files import atomic_write
 from .model import ADCLRVisionTransformer
 
 FORMAT = "adclr-checkpoint"
@@ -41,8 +46,16 @@ _numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
 _LEGACY_SAFE_GLOBALS = [_numpy_core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
 
 
-class CheckpointError(ValueError):
+LATEST = "checkpoint.pth"  # rewritten every epoch; checkpointNNNN.pth are kept every saveckp_freq epochs
+NUMBERED = re.compile(r"checkpoint(\d{4,})\.pth")
+
+
+class CheckpointError(UserError):
     """A file that is not a checkpoint this code can use; the message names the file and says why."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file that cannot be read at all: empty, truncated, or not written by ``torch.save``."""
 
 
 @dataclass
@@ -76,23 +89,9 @@ def save_checkpoint(
 
 
 def save_atomic(payload: dict, path: str) -> None:
-    """Write ``payload`` so that a crash mid-write never leaves a torn file: a temporary file next to
-    ``path`` (created with the user's umask), flushed to disk, then renamed over ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    """``torch.save`` ``payload`` to ``path`` with ``adclr.files.atomic_write``: never a torn file, the user's umask."""
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str) -> Checkpoint:
@@ -120,6 +119,45 @@ def load_checkpoint(path: str) -> Checkpoint:
     else:
         raise CheckpointError(f"{path} is not a train.py checkpoint (its keys are {list(raw)[:10]})")
     return Checkpoint(path, config, raw["epoch"], raw["history"], {key: raw[key] for key in STATE_KEYS})
+
+
+def find_resumable(output_dir: str) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
+    """The checkpoint a run in ``output_dir`` resumes from, and the corrupt files (path, why) passed over.
+
+    ``checkpoint.pth`` if it reads (None if it does not exist). If it is corrupt (empty, truncated, not
+    written by ``torch.save``), the newest ``checkpointNNNN.pth`` that reads, passing over corrupt ones.
+    Nothing is renamed here (``set_aside`` does that), so every process of a distributed run can call it.
+
+    Raises ``CheckpointError`` when ``checkpoint.pth`` is corrupt and no numbered checkpoint reads (a
+    run must never restart from epoch 0 unasked), or when a file reads but cannot be used (another
+    tool's file, a newer format): those need the user's decision, not a fallback.
+    """
+    latest = os.path.join(output_dir, LATEST)
+    if not os.path.exists(latest):
+        return None, []
+    corrupt = []
+    numbered = sorted(
+        (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := NUMBERED.fullmatch(name))
+    )
+    for path in [latest, *(os.path.join(output_dir, name) for _, name in reversed(numbered))]:
+        try:
+            return load_checkpoint(path), corrupt
+        except CorruptCheckpointError as error:
+            corrupt.append((path, str(error)))
+    fallback = "none of the numbered checkpoints reads either" if numbered else "there is no numbered checkpoint"
+    raise CheckpointError(
+        f"cannot resume: {'; '.join(reason for _, reason in corrupt)}; {fallback} (checkpointNNNN.pth, every "
+        f"--saveckp_freq epochs) to fall back on. Move {latest} away to start from scratch, or choose another "
+        "--output_dir"
+    )
+
+
+def set_aside(path: str) -> str:
+    """Rename the corrupt file ``path`` to ``<path>.corrupt-<UTC time>`` (never delete it); returns the new name."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    new = f"{path}.corrupt-{stamp}"
+    os.replace(path, new)
+    return new
 
 
 def restore(checkpoint: Checkpoint, state: TrainState) -> None:
@@ -168,21 +206,25 @@ def load_backbone(path: str, branch: str = "teacher") -> tuple[ADCLRVisionTransf
 def _read(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CorruptCheckpointError(f"{path} is empty (truncated, or its write never happened)")
     try:
         # torch 2.4 has no scoped allowlist: there, unversioned files are refused as holding other objects.
         allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
         with allow(_LEGACY_SAFE_GLOBALS):
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f"a Python object ({found.group(1)})" if found else "Python objects other than tensors and containers"
-        raise CheckpointError(
-            f"{path} is not a checkpoint this code reads: it holds {what}, which is never unpickled"
-        ) from None
     except Exception as error:  # noqa: BLE001 - a torn or foreign file fails anywhere inside torch.load
-        raise CheckpointError(
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and found:
+            raise CheckpointError(
+                f"{path} is not a checkpoint this code reads: it holds a Python object ({found.group(1)}), "
+                "which is never unpickled"
+            ) from None
+        cause = error.__context__ if isinstance(error, pickle.UnpicklingError) and error.__context__ else error
+        first_sentence = re.split(r"(?<=\.)\s|\n", str(cause).strip())[0].rstrip(".")
+        raise CorruptCheckpointError(
             f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save): "
-            f"{type(error).__name__}: {error}"
+            f"{type(cause).__name__}: {first_sentence}"
         ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict")

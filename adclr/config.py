@@ -5,14 +5,23 @@ everything that does not depend on the scale of the run), a preset (the size-rel
 values the user passes. ``train.py``'s flags have the same names as the fields (DINO's names), and the
 ``--help`` table and the README's table are generated from / checked against ``PRESETS``.
 
+Every field's accepted values are here too (``BOUNDS``, ``CHOICES``, ``TrainConfig.__post_init__``):
+the config refuses a bad value with a ``ConfigError`` naming the field, and ``train.py``'s flags parse
+with the same bounds, so the command line and the Python API accept exactly the same runs.
+
 This module imports no torch, so reading a command line or a checkpoint's config stays cheap.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .choices import ARCHS, ATTN_BACKENDS, PRECISIONS, QUERY_KEY_RULES
+from .cli import UserError
 
 # The size-related values. ``paper`` is the paper's ViT-S/16 recipe on ImageNet. ``builtin`` is sized
 # for 800 iterations on a CPU on the built-in shapes data: its head is narrow (a 32-d bottleneck, 256
@@ -66,6 +75,137 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class ConfigError(UserError):
+    """A config value out of its accepted range; ``field`` names the field (and the flag ``--{field}``)."""
+
+    def __init__(self, name: str, message: str):
+        self.field, self.message = name, message
+        super().__init__(f"{name} {message}")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric field accepts: integers or finite numbers from ``low`` to ``high`` (None: no
+    bound), each end included unless ``low_open`` / ``high_open``."""
+
+    integer: bool
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        return f"{'an integer' if self.integer else 'a number'} {self.condition}".rstrip()
+
+    @property
+    def condition(self) -> str:
+        """The range alone: ``>= 1``, ``in (0, 1]``."""
+        low, high = (f"{value:g}" if isinstance(value, float) else value for value in (self.low, self.high))
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{low}, {high}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return ""
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def parse(self, text: str) -> int | float:
+        """``argparse`` type: the number ``text`` if it is in bounds; else argparse names the flag and this range."""
+        try:
+            value = int(text) if self.integer else float(text)
+        except ValueError:
+            value = None
+        if value is None or not self.accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {self}, got {text!r}")
+        return value
+
+
+_COUNT = Bounds(integer=True, low=0)
+_POSITIVE_INT = Bounds(integer=True, low=1)
+_NON_NEGATIVE = Bounds(integer=False, low=0)
+_POSITIVE = Bounds(integer=False, low=0, low_open=True)
+_AREA = Bounds(integer=False, low=0, high=1, low_open=True)  # either end of a crop's (min, max) area range
+BOUNDS: dict[str, Bounds] = {
+    "patch_size": _POSITIVE_INT,
+    "out_dim": _POSITIVE_INT,
+    "head_hidden_dim": _POSITIVE_INT,
+    "head_bottleneck_dim": _POSITIVE_INT,
+    "drop_path_rate": Bounds(integer=False, low=0, high=1, high_open=True),
+    "global_size": _POSITIVE_INT,
+    "local_size": _POSITIVE_INT,
+    "local_crops_number": _COUNT,
+    "num_query": _COUNT,
+    "global_crops_scale": _AREA,
+    "local_crops_scale": _AREA,
+    "query_scale": _AREA,
+    # The built-in evaluation's dense probe trains on a quarter of the train split and scores half the test one.
+    "builtin_train_size": Bounds(integer=True, low=4),
+    "builtin_test_size": Bounds(integer=True, low=2),
+    "num_workers": _COUNT,
+    "momentum_teacher": Bounds(integer=False, low=0, high=1),
+    "teacher_temp": _POSITIVE,
+    "warmup_teacher_temp": _POSITIVE,
+    "warmup_teacher_temp_epochs": _COUNT,
+    "lambda_query": _NON_NEGATIVE,
+    "epochs": _POSITIVE_INT,
+    "batch_size_per_gpu": _POSITIVE_INT,
+    "lr": _NON_NEGATIVE,
+    "min_lr": _NON_NEGATIVE,
+    "warmup_epochs": _COUNT,
+    "weight_decay": _NON_NEGATIVE,
+    "weight_decay_end": _NON_NEGATIVE,
+    "clip_grad": _NON_NEGATIVE,
+    "freeze_last_layer": _COUNT,
+    "saveckp_freq": _COUNT,
+    "seed": Bounds(integer=True, low=0, high=2**32 - 1),
+    "eval_every": _COUNT,
+}
+PAIRS = ("global_crops_scale", "local_crops_scale", "query_scale")  # (min, max) with min <= max
+CHOICES: dict[str, tuple] = {
+    "arch": tuple(ARCHS),
+    "attn_backend": ATTN_BACKENDS,
+    "query_keys": QUERY_KEY_RULES,
+    "precision": PRECISIONS,  # or None: chosen by device
+}
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one that field ``name`` accepts."""
+    if name in PAIRS:
+        if not (isinstance(value, tuple) and len(value) == 2):
+            raise ConfigError(name, f"must be a (min, max) pair, got {value!r}")
+        for end in value:
+            if not BOUNDS[name].accepts(end):
+                raise ConfigError(name, f"must be two numbers {BOUNDS[name].condition} (min, max), got {value!r}")
+        if value[0] > value[1]:
+            raise ConfigError(name, f"must be (min, max) with min <= max, got {value!r}")
+    elif name in BOUNDS:
+        if not BOUNDS[name].accepts(value):
+            raise ConfigError(name, f"must be {BOUNDS[name]}, got {value!r}")
+    elif name in CHOICES:
+        if value not in CHOICES[name] and not (name == "precision" and value is None):
+            raise ConfigError(name, f"must be one of {CHOICES[name]}, got {value!r}")
+
+
+class _Checked:
+    """Group dataclasses check every field when built (``check_field``)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f.name, f"must be True or False, got {value!r}")
+            check_field(f.name, value)
+
+
 def default_preset(data_path: str | None) -> str:
     """``paper`` when training on real images, ``builtin`` on the built-in shapes."""
     return "paper" if data_path else "builtin"
@@ -73,7 +213,7 @@ def default_preset(data_path: str | None) -> str:
 
 # Fields without a default are set by every preset (see ``PRESETS``); ``kw_only`` lets them come first.
 @dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(_Checked):
     """The ViT and its DINO head(s)."""
 
     arch: str
@@ -90,7 +230,7 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(_Checked):
     """Where images come from and how each becomes multi-crop views plus query crops."""
 
     global_size: int
@@ -107,7 +247,7 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
-class LossConfig:
+class LossConfig(_Checked):
     """The EMA teacher and the ADCLR loss."""
 
     momentum_teacher: float
@@ -119,7 +259,7 @@ class LossConfig:
 
 
 @dataclass(kw_only=True)
-class OptimConfig:
+class OptimConfig(_Checked):
     """AdamW, its schedules and the numeric precision."""
 
     epochs: int
@@ -135,7 +275,7 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
-class RunConfig:
+class RunConfig(_Checked):
     """Output, seeding, evaluation and logging."""
 
     output_dir: str = "runs/adclr"
@@ -171,6 +311,18 @@ class TrainConfig:
     loss: LossConfig
     optim: OptimConfig
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across groups (each group checks its own fields)."""
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", f"must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        patch = self.model.patch_size
+        sizes = {"global_size": self.data.global_size}
+        if self.data.local_crops_number:
+            sizes["local_size"] = self.data.local_size
+        for name, size in sizes.items():
+            if size % patch:  # timm's patch embedding takes whole patches only
+                raise ConfigError(name, f"must be a multiple of the patch size ({patch}), got {size}")
 
     @property
     def arch(self) -> str:

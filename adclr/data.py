@@ -23,6 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
+from .cli import UserError
+
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "bar")
 SEGMENTATION_CLASSES = ("background", *SHAPES)  # mask value c is SEGMENTATION_CLASSES[c]
 IGNORE_INDEX = 255  # mask value of pixels that no metric or loss counts (VOC / ADE convention)
@@ -113,16 +115,26 @@ class SyntheticShapes(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+class DataError(UserError):
+    """A data folder that cannot be trained on: missing, not a folder, or without readable images."""
+
+
 class ImageFiles(Dataset):
     """Images under ``root``: an ImageFolder tree (labels from folder names) or a flat folder (label -1).
 
-    An unreadable file is skipped with a warning (the next readable one is returned instead), so a
-    corrupt image never stops a run.
+    A folder of at most ``check_limit`` image files has each file's header read here (PIL identifies the
+    format without decoding pixels: about 0.2 ms a file), and files that are not images are left out
+    with one warning, so that ``len`` counts images where it matters: whether a small folder holds one
+    batch. Larger folders are not read at start-up. There, and for a file whose header is fine but whose
+    pixels are not, an unreadable file is skipped with a warning when it comes up (the next readable one
+    is returned instead), so a corrupt image never stops a run.
     """
 
-    def __init__(self, root: str, transform=None):
+    def __init__(self, root: str, transform=None, check_limit: int = 10_000):
+        if not os.path.exists(root):
+            raise DataError(f"data_path {root} does not exist")
         if not os.path.isdir(root):
-            raise ValueError(f"data_path must be a folder of images or an ImageFolder tree, got {root!r}")
+            raise DataError(f"data_path {root} is a file; it must be a folder of images or an ImageFolder tree")
         subdirs = [d for d in os.scandir(root) if d.is_dir()]
         if subdirs:
             self.classes, class_to_idx = find_classes(root)
@@ -132,8 +144,29 @@ class ImageFiles(Dataset):
             names = sorted(f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS))
             self.samples = [(os.path.join(root, f), -1) for f in names]
         if not self.samples:
-            raise ValueError(f"no images with extensions {IMG_EXTENSIONS} found under {root!r}")
+            raise DataError(f"data_path {root} holds no images (files ending in {', '.join(IMG_EXTENSIONS)})")
+        if len(self.samples) <= check_limit:
+            self.samples = self._readable(self.samples, root)
         self.transform = transform
+
+    @staticmethod
+    def _readable(samples: list[tuple[str, int]], root: str) -> list[tuple[str, int]]:
+        """The samples whose file PIL recognises as an image (from its header; pixels are not decoded)."""
+        readable, broken = [], []
+        for path, label in samples:
+            try:
+                with Image.open(path):
+                    readable.append((path, label))
+            except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for a bad file
+                broken.append(f"{os.path.relpath(path, root)} ({error})")
+        if not readable:
+            raise DataError(f"data_path {root}: none of its {len(samples)} image files can be read, e.g. {broken[0]}")
+        if broken:
+            shown = "; ".join(broken[:3]) + ("; ..." if len(broken) > 3 else "")
+            warnings.warn(
+                f"leaving out {len(broken)} of {len(samples)} files that are not images: {shown}", stacklevel=3
+            )
+        return readable
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -290,20 +290,6 @@ def split_folders(data_path: str) -> tuple[str, str]:
     return os.path.join(data_path, "train"), os.path.join(data_path, "val")
 
 
-def check_eval_folders(data_path: str) -> None:
-    """Cheap start-up check of an evaluation folder: ``train/`` and ``val/`` exist and name the same class
-    sub-folders (the images themselves are listed when the evaluation runs)."""
-    train_dir, val_dir = split_folders(data_path)
-    classes = []
-    for folder in (train_dir, val_dir):
-        if not os.path.isdir(folder):
-            raise ValueError(f"{data_path!r} has no {os.path.basename(folder)}/ folder; expected train/ and val/")
-        classes.append(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
-        if not classes[-1]:
-            raise ValueError(f"{folder!r} has no class sub-folders (ImageFolder layout: <class>/<image>)")
-    check_same_classes(*classes)
-
-
 def setup_device() -> tuple[torch.device, DistInfo]:
     """CUDA (the local rank's GPU under torchrun) when present, else the CPU; joins torchrun's process group."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import timm
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .checkpoint import BRANCHES, load_backbone
+from .cli import UserError, add_debug_flag, user_errors
+from .files import atomic_write
 from .model import timm_create_kwargs
 
 METADATA_KEY = "timm_create_kwargs"
 
 
 def export(checkpoint: str, output: str, branch: str = "teacher") -> dict:
-    """Write ``branch``'s backbone to ``output``; returns the timm arguments stored with it."""
+    """Write ``branch``'s backbone to ``output`` (atomically, with the user's umask); returns the timm
+    arguments stored with it."""
     backbone, config = load_backbone(checkpoint, branch)
     kwargs = timm_create_kwargs(config.arch, config.patch_size, config.global_size)
     tensors = {name: t.contiguous() for name, t in backbone.state_dict().items()}
-    save_file(tensors, output, metadata={METADATA_KEY: json.dumps(kwargs)})
+    # safetensors' save_file writes through a 0600 temporary file; its bytes go through atomic_write instead.
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(kwargs)})
+    with atomic_write(output) as f:
+        f.write(data)
     return kwargs
 
 
@@ -43,8 +50,18 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth written by train.py")
     parser.add_argument("--output", required=True, help="path of the .safetensors file to write")
     parser.add_argument("--branch", choices=BRANCHES, default="teacher", help="which network to export")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    kwargs = export(args.checkpoint, args.output, args.branch)
+    with user_errors(args.debug):
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output):
+            raise UserError(f"--output {args.output} is a folder; give the path of the file to write")
+        if not os.path.isdir(folder):
+            raise UserError(f"--output {args.output}: the folder {folder} does not exist")
+        try:
+            kwargs = export(args.checkpoint, args.output, args.branch)
+        except PermissionError as error:
+            raise UserError(f"--output {args.output}: cannot write there ({error.strerror})") from None
     print(f"wrote {args.output}; load it with adclr.export.load_exported or timm.create_model(**{kwargs})")
 
 

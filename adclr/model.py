@@ -16,15 +16,9 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
+from .choices import ARCHS
 from .heads import HeadFeatures
 from .kernels import AttentionLayout, adclr_attention, adclr_attention_packed, reference_probabilities
-
-ARCHS = {
-    "vit_pico": dict(embed_dim=96, depth=4, num_heads=3),  # CPU-sized, for the built-in data and tests
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-}
 
 
 class ADCLRAttention(Attention):

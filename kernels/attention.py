@@ -15,12 +15,12 @@ import os
 
 import torch
 
+from ..choices import ATTN_BACKENDS as BACKENDS
 from . import plans
 from .layout import AttentionLayout
 from .reference import reference_attention
 from .sdpa import sdpa_attention
 
-BACKENDS = ("auto", "triton", "sdpa", "reference")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TRITON_HEAD_DIM = 256
 MAX_TRITON_HEAD_DIM_FP32 = 128  # fp32 tiles beyond this exceed sm80's shared memory or spill kilobytes

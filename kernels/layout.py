@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-QUERY_KEY_RULES = ("prefix+raw", "raw", "prefix+raw+self", "raw+self")
+from ..choices import QUERY_KEY_RULES
 
 
 def _check_count(name: str, value, minimum: int) -> None:

@@ -11,7 +11,16 @@ import torch
 from engine_utils import CPU, SETTINGS, assert_same, batch, snapshot, tiny_config
 
 from adclr import checkpoint, engine
-from adclr.checkpoint import CheckpointError, load_backbone, load_checkpoint, restore, save_checkpoint
+from adclr.checkpoint import (
+    CheckpointError,
+    CorruptCheckpointError,
+    find_resumable,
+    load_backbone,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    set_aside,
+)
 
 HISTORY = [{"epoch": 1, "loss": 5.25, "lr": np.float64(0.001), "knn_top1_teacher": float("nan")}]
 
@@ -116,23 +125,27 @@ def test_unversioned_checkpoint_without_a_setting_is_refused(tmp_path, trained):
 
 
 @pytest.mark.parametrize(
-    "content, reason",
+    "content, reason, corrupt",
     [
-        (None, "truncated"),
-        (b"", "truncated"),
-        (b"this is not a checkpoint" * 20, "truncated"),
+        (None, "truncated", True),
+        (b"", "is empty", True),
+        (b"this is not a checkpoint" * 20, "truncated", True),
+        (b"\x80\x02 garbage", "truncated", True),
         (
             {"args": argparse.Namespace(lr=0.1), "student": {}},
             r"holds a Python object \(argparse.Namespace\), which is never unpickled",
+            False,
         ),
-        ([torch.zeros(2)], "holds a list, not a checkpoint dict"),
-        ({"weights": torch.zeros(2)}, "not a train.py checkpoint"),
-        ({"format": "other-tool", "version": 1}, "is a 'other-tool' file"),
-        ({"format": "adclr-checkpoint", "version": 2}, "format version 2; this code reads versions 1 to 1"),
-        ({"format": "adclr-checkpoint", "version": 1, "config": {}}, r"lacks \['epoch', 'history'"),
+        ([torch.zeros(2)], "holds a list, not a checkpoint dict", False),
+        ({"weights": torch.zeros(2)}, "not a train.py checkpoint", False),
+        ({"format": "other-tool", "version": 1}, "is a 'other-tool' file", False),
+        ({"format": "adclr-checkpoint", "version": 2}, "format version 2; this code reads versions 1 to 1", False),
+        ({"format": "adclr-checkpoint", "version": 1, "config": {}}, r"lacks \['epoch', 'history'", False),
     ],
 )
-def test_bad_files_are_refused_with_their_name_and_why(tmp_path, trained, content, reason):
+def test_bad_files_are_refused_with_their_name_and_why(tmp_path, trained, content, reason, corrupt):
+    """Only a file that cannot be read at all is corrupt (resume may fall back from it); one that reads but is
+    something else needs the user's decision."""
     path = str(tmp_path / "bad.pth")
     if content is None:  # a checkpoint cut short, as by a full disk without the atomic write
         save_checkpoint(path, trained[1], trained[0], 1, [])
@@ -142,10 +155,71 @@ def test_bad_files_are_refused_with_their_name_and_why(tmp_path, trained, conten
         open(path, "wb").write(content)
     else:
         torch.save(content, path)
-    with pytest.raises(CheckpointError, match=f"^{path}.*{reason}"):
+    with pytest.raises(CheckpointError, match=f"^{path}.*{reason}") as caught:
         load_checkpoint(path)
+    assert isinstance(caught.value, CorruptCheckpointError) == corrupt
+    assert "\n" not in str(caught.value)  # one line, whatever torch said
     with pytest.raises(CheckpointError, match=f"^{path}"):
         load_backbone(path)
+
+
+def spoil(path, how: str) -> None:
+    """Make the checkpoint at ``path`` unreadable as a crash, a full disk or a stray write would."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # garbage: random bytes of the same length
+        path.write_bytes(torch.randint(0, 256, (len(data),), dtype=torch.uint8).numpy().tobytes())
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_a_corrupt_checkpoint_falls_back_to_the_newest_readable_numbered_one(tmp_path, trained, how):
+    config, state = trained
+    for epoch in (8, 9, 10, 11):  # numbered by epoch: 10 is newer than 9 though "checkpoint0010" sorts after
+        save_checkpoint(str(tmp_path / f"checkpoint{epoch:04d}.pth"), state, config, epoch, [{"epoch": epoch}])
+    latest = tmp_path / "checkpoint.pth"
+    save_checkpoint(str(latest), state, config, 12, [])
+    spoil(latest, how)
+    spoil(tmp_path / "checkpoint0011.pth", "truncated")
+    before = latest.read_bytes()
+    saved, passed_over = find_resumable(str(tmp_path))
+    assert (saved.path, saved.epoch, saved.history) == (str(tmp_path / "checkpoint0010.pth"), 10, [{"epoch": 10}])
+    assert [path for path, _ in passed_over] == [str(latest), str(tmp_path / "checkpoint0011.pth")]
+    assert all(reason.startswith(f"{path} ") for path, reason in passed_over)
+    assert latest.read_bytes() == before  # finding renames nothing: every process of a run may look
+    moved = set_aside(str(latest))
+    assert moved.startswith(f"{latest}.corrupt-") and open(moved, "rb").read() == before and not latest.exists()
+
+
+@pytest.mark.parametrize("numbered", [0, 2])
+def test_a_corrupt_checkpoint_without_a_readable_fallback_stops_the_resume(tmp_path, trained, numbered):
+    """Never a silent restart from epoch 0: the error names every unreadable file and touches none."""
+    config, state = trained
+    latest = tmp_path / "checkpoint.pth"
+    save_checkpoint(str(latest), state, config, 3, [])
+    spoil(latest, "truncated")
+    for epoch in range(1, numbered + 1):
+        save_checkpoint(str(tmp_path / f"checkpoint{epoch:04d}.pth"), state, config, epoch, [])
+        spoil(tmp_path / f"checkpoint{epoch:04d}.pth", "empty")
+    files = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    either = "none of the numbered checkpoints reads either" if numbered else "there is no numbered checkpoint"
+    with pytest.raises(CheckpointError, match=f"^cannot resume: {latest} cannot be read.*{either}") as caught:
+        find_resumable(str(tmp_path))
+    assert all(f"checkpoint{epoch:04d}.pth is empty" in str(caught.value) for epoch in range(1, numbered + 1))
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == files
+
+
+def test_a_readable_checkpoint_of_another_kind_is_no_reason_to_fall_back(tmp_path, trained):
+    config, state = trained
+    save_checkpoint(str(tmp_path / "checkpoint0001.pth"), state, config, 1, [])
+    torch.save({"format": "adclr-checkpoint", "version": 99}, tmp_path / "checkpoint.pth")  # a newer adclr's
+    with pytest.raises(CheckpointError, match="format version 99") as caught:
+        find_resumable(str(tmp_path))
+    assert not isinstance(caught.value, CorruptCheckpointError)
+    os.remove(tmp_path / "checkpoint.pth")
+    assert find_resumable(str(tmp_path)) == (None, [])  # no checkpoint.pth: a fresh run, numbered ones or not
 
 
 def test_missing_file_and_bad_config_are_refused(tmp_path, trained):

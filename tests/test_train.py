@@ -1,5 +1,6 @@
-"""train.py end to end, run as users run it: a run, resume, NaN stop, torchrun on two CPU processes,
-an unreadable checkpoint; then export and pictures from the run's checkpoint."""
+"""train.py end to end, run as users run it: a run, resume (from a corrupt checkpoint's numbered fallback, and
+after a kill during the final evaluation), NaN and gradient-scaler stops, torchrun on two CPU processes, an
+unreadable checkpoint; then export and pictures from the run's checkpoint."""
 
 import hashlib
 import json
@@ -60,6 +61,33 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+# train.py killed the moment its final evaluation starts (the random-init baseline is built first).
+KILLED_IN_EVALUATION = """
+import os, runpy, sys
+from adclr import engine
+engine.random_init_backbone = lambda *args, **kwargs: os._exit(3)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# train.py with a gradient scaler on (as fp16 on a GPU has) and every gradient infinite: every step is skipped.
+SKIPPING_SCALER = """
+import runpy, sys
+import torch
+from adclr import engine
+real_build = engine.build_train_state
+def build(*args, **kwargs):
+    state = real_build(*args, **kwargs)
+    state.scaler = torch.amp.GradScaler("cpu")
+    for param in state.student.parameters():
+        if param.requires_grad:
+            param.register_hook(lambda grad: grad * float("inf"))
+    return state
+engine.build_train_state = build
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 pytestmark = pytest.mark.slow
 
 
@@ -67,7 +95,7 @@ def train(output_dir, *flags, launcher=(TRAIN,)):
     """Run ``train.py`` (through ``launcher``) on the tiny configuration; returns the finished process."""
     command = [sys.executable, *launcher, *TINY, "--output_dir", str(output_dir), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=output_dir.parent, env=env)
+    return subprocess.run(command, capture_output=True, text=True, cwd=output_dir.parent, env=env)
 
 
 def digest(path):
@@ -78,11 +106,14 @@ def log_records(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+def without_speed(records):
+    return [{key: value for key, value in record.items() if key != "images_per_s"} for record in records]
+
+
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
     """A finished two-epoch run (its process and output folder), shared by the tests that read it."""
-    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"
-    run_dir.mkdir()
+    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"  # train.py creates it
     result = train(run_dir, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return result, run_dir
@@ -104,21 +135,53 @@ def test_entry_point_trains_checkpoints_and_evaluates(two_epochs):
     assert load_checkpoint(str(run_dir / "checkpoint0001.pth")).epoch == 1
 
 
-def test_resume_reproduces_the_uninterrupted_run(two_epochs, tmp_path):
+def test_resume_from_a_corrupt_checkpoint_reproduces_the_uninterrupted_run(two_epochs, tmp_path):
+    """checkpoint.pth torn (as by a crash on a file system without atomic rename): it is named, moved aside
+    and the run resumes from checkpoint0001.pth, ending exactly as the run that was never stopped."""
     _, full = two_epochs
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copy(full / "checkpoint0001.pth", resumed / "checkpoint.pth")  # as if stopped after epoch 1
+    shutil.copy(full / "checkpoint0001.pth", resumed / "checkpoint0001.pth")  # as if stopped after epoch 1
+    torn = (full / "checkpoint.pth").read_bytes()[:100_000]
+    (resumed / "checkpoint.pth").write_bytes(torn)
     result = train(resumed, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from {resumed / 'checkpoint.pth'} at epoch 1" in result.stdout
-    a, b = load_checkpoint(str(full / "checkpoint.pth")), load_checkpoint(str(resumed / "checkpoint.pth"))
+    latest = resumed / "checkpoint.pth"
+    assert f"warning: {latest} cannot be read as a checkpoint (truncated" in result.stdout
+    assert f"resumed from {resumed / 'checkpoint0001.pth'} at epoch 1" in result.stdout
+    (moved,) = [name for name in os.listdir(resumed) if name.startswith("checkpoint.pth.corrupt-")]
+    assert (resumed / moved).read_bytes() == torn  # kept, never deleted
+    a, b = load_checkpoint(str(full / "checkpoint.pth")), load_checkpoint(str(latest))
     for key in ("student", "teacher", "loss", "optimizer"):
         assert_same(a.states[key], b.states[key], key)
     assert b.history[0] == a.history[0]  # epoch 1's record came back from the checkpoint
+    assert log_records(resumed) == b.history  # one line per epoch, none lost or repeated
     last_full, last_resumed = log_records(full)[-1], log_records(resumed)[-1]
     for key in ("loss", "cls", "query", "knn_top1_teacher", "knn_top1_random_init", "dense_miou_random_init"):
         assert last_resumed[key] == last_full[key], key  # the baseline is rebuilt from the seed, identically
+
+
+def test_a_run_killed_in_its_evaluation_keeps_the_epoch_and_evaluates_on_rerun(two_epochs, tmp_path):
+    _, full = two_epochs
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(full / "checkpoint0001.pth", run_dir / "checkpoint.pth")
+    killed = train(run_dir, "--epochs", "2", launcher=("-c", KILLED_IN_EVALUATION, TRAIN))
+    assert killed.returncode == 3, killed.stderr[-3000:]
+    saved = load_checkpoint(str(run_dir / "checkpoint.pth"))
+    assert saved.epoch == 2 and "knn_top1_teacher" not in saved.history[-1]  # written before the evaluation
+    assert [r["epoch"] for r in log_records(run_dir)] == [1]  # epoch 2 is not finished until it is evaluated
+
+    rerun = train(run_dir, "--epochs", "2")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoint.pth'} at epoch 2" in rerun.stdout
+    assert "epoch 2/2" not in rerun.stderr  # no training: the epoch was kept
+    assert "k-NN top-1 on the built-in shapes" in rerun.stdout
+    # the same records as the run never stopped (speed aside), none twice, in the log and the checkpoint
+    assert without_speed(log_records(run_dir)) == without_speed(log_records(full))
+    after = load_checkpoint(str(run_dir / "checkpoint.pth"))
+    assert after.history == log_records(run_dir)
+    assert_same(after.states["teacher"], saved.states["teacher"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(two_epochs, tmp_path):
@@ -133,7 +196,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(two_epochs, tmp_pat
         f"Loss is nan at epoch 3, iteration 0; stopping training (the last good checkpoint is {checkpoint})."
     )
     assert digest(checkpoint) == before
-    assert sorted(os.listdir(run_dir)) == ["checkpoint.pth"]
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pth", "log.jsonl"]
+    assert log_records(run_dir) == load_checkpoint(str(checkpoint)).history  # restored from the checkpoint
+
+
+def test_a_gradient_scaler_that_skips_every_step_stops_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    flags = ("--epochs", "2", "--builtin_train_size", "160", "--batch_size_per_gpu", "4", "--num_query", "0")
+    result = train(run_dir, *flags, launcher=("-c", SKIPPING_SCALER, TRAIN))  # 40 iterations an epoch
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "the fp16 gradient scaler skipped the last 30 optimizer steps in a row (non-finite gradients every time; "
+        "loss scale now 6.1e-05) at epoch 1, iteration 29; stopping training (no checkpoint was written yet). "
+        "Try --precision bf16 or fp32, or a lower --lr."
+    )
+    assert os.listdir(run_dir) == []
 
 
 def test_torchrun_on_two_cpu_processes(tmp_path):
@@ -147,13 +225,18 @@ def test_torchrun_on_two_cpu_processes(tmp_path):
     assert len(log_records(run_dir)) == 1
 
 
-def test_an_unreadable_checkpoint_stops_the_run_with_its_name(tmp_path):
+def test_an_unreadable_checkpoint_without_a_fallback_stops_the_run_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pth").write_bytes(b"half a checkpoint")
     result = train(run_dir, "--epochs", "1")
-    assert result.returncode != 0
-    assert f"cannot resume: {run_dir / 'checkpoint.pth'} cannot be read as a checkpoint" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"error: cannot resume: {run_dir / 'checkpoint.pth'} cannot be read as a checkpoint"
+    )
+    assert "there is no numbered checkpoint" in result.stderr
+    assert os.listdir(run_dir) == ["checkpoint.pth"]  # left where it was: the next rerun stops the same way
+    assert (run_dir / "checkpoint.pth").read_bytes() == b"half a checkpoint"
 
 
 def test_export_loads_into_timm_strictly_with_the_same_features(two_epochs, tmp_path):
@@ -188,8 +271,8 @@ def test_visualize_writes_attention_pictures(two_epochs, tmp_path):
     visualize(["--checkpoint", checkpoint, "--output_dir", str(tmp_path / "pics"), "--num_query", "3"])
     cls_png = Image.open(tmp_path / "pics" / "cls_attention.png")
     query_png = Image.open(tmp_path / "pics" / "query_attention.png")
-    heads = 3  # vit_pico
-    assert cls_png.size[0] > (heads + 1) * 32 and query_png.size[1] > 3 * 32
+    heads = 3  # vit_pico: the image, the mean map, one map per head, each 224 px with 2 px between
+    assert cls_png.size == ((heads + 2) * 226 + 2, 228) and query_png.size == (4 * 226 + 2, 228)
 
 
 def test_unreadable_images_are_skipped(tmp_path):
@@ -200,7 +283,7 @@ def test_unreadable_images_are_skipped(tmp_path):
     (tmp_path / "cats").mkdir()
     Image.new("RGB", (20, 20), "red").save(tmp_path / "cats" / "a.png")
     (tmp_path / "cats" / "broken.jpg").write_bytes(b"not an image")
-    dataset = ImageFiles(str(tmp_path))
+    dataset = ImageFiles(str(tmp_path), check_limit=0)  # as in a folder too large to read every header at start
     assert len(dataset) == 2
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         image, label = dataset[1]
@@ -238,5 +321,5 @@ def test_eval_data_path_drives_the_evaluation(tmp_path):
     missing = tmp_path / "missing_eval"
     bad_run = tmp_path / "bad_run"
     result = train(bad_run, "--epochs", "1", "--eval_data_path", str(missing))
-    assert result.returncode != 0 and "--eval_data_path" in result.stderr and "not a folder" in result.stderr
+    assert result.returncode != 0 and "--eval_data_path" in result.stderr and "does not exist" in result.stderr
     assert not bad_run.exists()

@@ -1,0 +1,85 @@
+"""What the commands share: a user's mistake ends with one line and exit status 2, not a traceback.
+
+A ``UserError`` (``adclr.config.ConfigError``, ``adclr.checkpoint.CheckpointError``,
+``adclr.data.DataError`` and the commands' own) is a problem with what the user asked for: a value, a
+path, a data folder, a checkpoint. Commands run under ``user_errors(debug)``, which prints
+``error: <message>`` to stderr and exits with status 2 (argparse's status for a bad flag); ``--debug``
+or ``ADCLR_DEBUG=1`` shows the traceback instead. Any other exception is a bug and keeps its traceback.
+
+Torch-free, like ``adclr.config``: ``train.py`` checks its flags and paths before importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+DEBUG_ENV = "ADCLR_DEBUG"
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for; its message says what and how to fix it, in one line."""
+
+
+def add_debug_flag(parser: argparse.ArgumentParser, **kwargs) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1)", **kwargs
+    )
+
+
+def debugging(debug: bool = False) -> bool:
+    """Whether tracebacks are wanted: ``--debug`` given or ``ADCLR_DEBUG`` set to anything but 0."""
+    return debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool = False):
+    """Run the block; a ``UserError`` prints ``error: <message>`` and exits 2 (re-raised when debugging)."""
+    try:
+        yield
+    except UserError as error:
+        if debugging(debug):
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def require_folder(path: str, flag: str) -> None:
+    """``path`` (given as ``flag``) must be an existing folder."""
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path} does not exist")
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+
+
+def require_eval_folders(path: str, flag: str) -> None:
+    """``path`` (given as ``flag``) must hold ``train/`` and ``val/`` ImageFolder trees with the same class
+    sub-folders (the images themselves are listed when the evaluation runs)."""
+    require_folder(path, flag)
+    classes = []
+    for split in ("train", "val"):
+        folder = os.path.join(path, split)
+        if not os.path.isdir(folder):
+            raise UserError(f"{flag} {path} has no {split}/ folder; expected train/ and val/ ImageFolder trees")
+        classes.append({entry.name for entry in os.scandir(folder) if entry.is_dir()})
+        if not classes[-1]:
+            raise UserError(f"{flag} {folder} has no class sub-folders (ImageFolder layout: <class>/<image>)")
+    if classes[0] != classes[1]:
+        only_train, only_val = sorted(classes[0] - classes[1])[:5], sorted(classes[1] - classes[0])[:5]
+        raise UserError(
+            f"{flag} {path}: train/ and val/ must have the same class folders; "
+            f"only in train: {only_train or 'none'}, only in val: {only_val or 'none'}"
+        )
+
+
+def require_writable_folder(path: str, flag: str) -> None:
+    """``path`` (given as ``flag``) must be a folder this process can write, or creatable as one."""
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {existing}")
