@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from adclr.kernels import QUERY_KEY_RULES, AttentionLayout, reference_attention
+from adclr.kernels import LAYOUT_NAMES, QUERY_KEY_RULES, AttentionLayout, reference_attention
 from bench.providers import attention_bytes, attention_flops, make_providers
 from bench.report import Report
 from bench.shapes import VIT_SHAPES
@@ -53,9 +53,7 @@ class Case:
 
     @property
     def layout(self) -> AttentionLayout:
-        if self.rule == "bidirectional":
-            return AttentionLayout(self.num_raw, self.num_query, 1, bidirectional=True)
-        return AttentionLayout(self.num_raw, self.num_query, 1, self.rule)
+        return AttentionLayout.named(self.rule, self.num_raw, self.num_query)
 
     def label(self) -> str:
         return f"{self.name} {self.rule} {self.dtype}"
@@ -209,9 +207,7 @@ def main(argv=None) -> str:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes only (CPU smoke test)")
     parser.add_argument("--shapes", nargs="+", choices=sorted(VIT_SHAPES), default=list(VIT_SHAPES))
-    parser.add_argument(
-        "--rules", nargs="+", choices=list(QUERY_KEY_RULES) + ["bidirectional"], default=list(QUERY_KEY_RULES)
-    )
+    parser.add_argument("--rules", nargs="+", choices=LAYOUT_NAMES, default=list(QUERY_KEY_RULES))
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"])
     parser.add_argument("--sweep", action="store_true", help="also sweep L at constant tokens (prefix+raw, bf16)")

@@ -64,9 +64,7 @@ class Case:
 
     @property
     def layout(self) -> AttentionLayout:
-        if self.rule == "bidirectional":
-            return AttentionLayout(self.num_raw, self.num_query, 1, bidirectional=True)
-        return AttentionLayout(self.num_raw, self.num_query, 1, self.rule)
+        return AttentionLayout.named(self.rule, self.num_raw, self.num_query)
 
     @property
     def key(self) -> plans.ShapeKey:

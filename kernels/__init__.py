@@ -10,12 +10,13 @@ that ``adclr.fused_loss`` runs between the head's chunked matmuls.
 
 from .attention import BACKENDS, adclr_attention, adclr_attention_packed, interpreter_enabled, triton_is_default
 from .dino_loss import LOSS_BACKENDS, dino_soft_cross_entropy_, dino_teacher_probs
-from .layout import QUERY_KEY_RULES, AttentionLayout
+from .layout import LAYOUT_NAMES, QUERY_KEY_RULES, AttentionLayout
 from .reference import reference_attention, reference_probabilities
 from .sdpa import sdpa_attention
 
 __all__ = [
     "BACKENDS",
+    "LAYOUT_NAMES",
     "LOSS_BACKENDS",
     "QUERY_KEY_RULES",
     "AttentionLayout",

@@ -15,6 +15,9 @@ import torch
 
 from ..choices import QUERY_KEY_RULES
 
+# The names benchmarks and tests give a layout: a query-key rule, or the bidirectional ablation.
+LAYOUT_NAMES = (*QUERY_KEY_RULES, "bidirectional")
+
 
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -65,6 +68,15 @@ class AttentionLayout:
                 f"rows with no key; use one of {QUERY_KEY_RULES[0]!r}, {QUERY_KEY_RULES[2]!r}, "
                 f"{QUERY_KEY_RULES[3]!r} or add raw tokens"
             )
+
+    @classmethod
+    def named(cls, name: str, num_raw: int, num_query: int = 0, num_prefix: int = 1) -> AttentionLayout:
+        """The layout called ``name`` (one of ``LAYOUT_NAMES``): a query-key rule, or ``bidirectional``."""
+        if name not in LAYOUT_NAMES:
+            raise ValueError(f"name must be one of {LAYOUT_NAMES}, got {name!r}")
+        if name == "bidirectional":
+            return cls(num_raw, num_query, num_prefix, bidirectional=True)
+        return cls(num_raw, num_query, num_prefix, name)
 
     @property
     def length(self) -> int:

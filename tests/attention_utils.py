@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from adclr.kernels import QUERY_KEY_RULES, AttentionLayout, reference_attention
+from adclr.kernels import LAYOUT_NAMES, AttentionLayout, reference_attention
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the kernels in the interpreter
-RULES = [*QUERY_KEY_RULES, "bidirectional"]  # every query-key rule, plus the bidirectional ablation
+RULES = list(LAYOUT_NAMES)  # every query-key rule, plus the bidirectional ablation
 
 
 def layout_for(rule: str, R: int, Q: int, P: int) -> AttentionLayout:
     """The layout of ``rule`` (one of ``RULES``) with R raw tokens (P of them prefix) and Q queries."""
-    if rule == "bidirectional":
-        return AttentionLayout(R, Q, P, bidirectional=True)
-    return AttentionLayout(R, Q, P, rule)
+    return AttentionLayout.named(rule, R, Q, P)
 
 
 # Additive floor on top of the "at most 2x PyTorch's own error" rule: one unit in the last place

@@ -74,3 +74,10 @@ def test_kernel_params():
     assert AttentionLayout(197, 10, query_keys="raw+self").kernel_params == (197, 1, True)
     assert AttentionLayout(197, 10, bidirectional=True).kernel_params == (207, 0, False)
     assert AttentionLayout(197, 0, query_keys="raw").kernel_params == (197, 0, False)
+
+
+def test_named_layouts():
+    assert AttentionLayout.named("raw+self", 197, 10) == AttentionLayout(197, 10, 1, "raw+self")
+    assert AttentionLayout.named("bidirectional", 50, 3, 0) == AttentionLayout(50, 3, 0, bidirectional=True)
+    with pytest.raises(ValueError, match="bidirectional"):
+        AttentionLayout.named("causal", 5, 1)
