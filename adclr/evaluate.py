@@ -268,7 +268,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, image_size: int, batch
     data.add_argument("--data_path", required=True, help="folder with train/ and val/")
     data.add_argument("--image_size", type=int, default=image_size, help="input side in pixels")
     data.add_argument("--batch_size_per_gpu", type=int, default=batch_size)
-    data.add_argument("--num_workers", type=int, default=8, help="data-loading processes per GPU")
+    workers = min(8, len(os.sched_getaffinity(0)))
+    data.add_argument(
+        "--num_workers", type=int, default=workers, help=f"data-loading processes per GPU (default: {workers} here)"
+    )
     data.add_argument("--output_dir", default=".", help="where the results JSON goes")
     data.add_argument("--seed", type=int, default=0)
 
