@@ -268,7 +268,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, image_size: int, batch
     data.add_argument("--data_path", required=True, help="folder with train/ and val/")
     data.add_argument("--image_size", type=int, default=image_size, help="input side in pixels")
     data.add_argument("--batch_size_per_gpu", type=int, default=batch_size)
-    workers = min(8, len(os.sched_getaffinity(0)))
+    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     data.add_argument(
         "--num_workers", type=int, default=workers, help=f"data-loading processes per GPU (default: {workers} here)"
     )
