@@ -257,14 +257,15 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     # ---- resume ------------------------------------------------------------------------------------
     start_epoch, history = 0, []
     saved, corrupt = find_resumable(cfg.run.output_dir)
+    if saved:
+        restore(saved, state)  # a checkpoint that does not fit this run stops it before anything is renamed
+        start_epoch, history = saved.epoch, saved.history
     if dist_info.enabled:
         torch.distributed.barrier()  # every process has read its checkpoint before a corrupt one is renamed
     if main_process:
         for path, reason in corrupt:
             log(f"warning: {reason}; moved it to {set_aside(path)}")
     if saved:
-        restore(saved, state)
-        start_epoch, history = saved.epoch, saved.history
         now = cfg.flat()
         changed = {name: (value, now[name]) for name, value in saved.config.flat().items() if value != now[name]}
         log(f"resumed from {saved.path} at epoch {start_epoch}" + (f"; changed since: {changed}" if changed else ""))
@@ -287,21 +288,25 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
             save_checkpoint(os.path.join(cfg.run.output_dir, f"checkpoint{epoch:04d}.pth"), state, cfg, epoch, history)
 
     def finish_epoch(record: dict) -> None:
-        """After an epoch's checkpoint: its evaluation if one is due (the checkpoints rewritten with the
-        results), then ``log.jsonl`` rewritten from the history and TensorBoard."""
+        """After an epoch's checkpoint: its evaluation if one is due (every process extracts a shard of the
+        images; the main one rewrites the checkpoints with the results), then ``log.jsonl`` rewritten from
+        the history and TensorBoard. Every process calls it."""
         nonlocal evaluation, baseline
         epoch = record["epoch"]
         if epoch == epochs or (cfg.run.eval_every and epoch % cfg.run.eval_every == 0):
-            baseline = baseline or evaluate(cfg, engine.random_init_backbone(cfg).to(device), device, "random_init")
-            evaluation = {**evaluate(cfg, state.teacher.backbone, device, "teacher"), **baseline}
+            if not baseline:  # the same architecture at its initialisation, evaluated once per run
+                baseline = evaluate(cfg, engine.random_init_backbone(cfg).to(device), device, "random_init", dist_info)
+            evaluation = {**evaluate(cfg, state.teacher.backbone, device, "teacher", dist_info), **baseline}
             record.update(evaluation)
             log("evaluation: " + json.dumps(evaluation))
-            save_epoch(epoch)
-        with atomic_write(log_path, "w") as f:  # one line per epoch of the history: none lost, none twice
-            f.writelines(json.dumps(r) + "\n" for r in history)
-        if writer:
-            for key, value in record.items():
-                writer.add_scalar(key, value, epoch)
+            if main_process:
+                save_epoch(epoch)
+        if main_process:
+            with atomic_write(log_path, "w") as f:  # one line per epoch of the history: none lost, none twice
+                f.writelines(json.dumps(r) + "\n" for r in history)
+            if writer:
+                for key, value in record.items():
+                    writer.add_scalar(key, value, epoch)
 
     def kept() -> str:
         exists = os.path.exists(checkpoint_path)
@@ -309,7 +314,12 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
 
     # A run stopped after an epoch's checkpoint but before its end (during its evaluation, say), or resumed
     # from an older numbered checkpoint, finishes that epoch first: log.jsonl then matches the history.
-    if main_process and history and _logged_epochs(log_path) != [r["epoch"] for r in history]:
+    unfinished = main_process and history and _logged_epochs(log_path) != [r["epoch"] for r in history]
+    if dist_info.enabled:  # the main process reads the log; every process takes part in the evaluation
+        flag = torch.tensor([float(bool(unfinished))], device=device)
+        torch.distributed.broadcast(flag, src=0)
+        unfinished = bool(flag.item())
+    if unfinished:
         finish_epoch(history[-1])
     if start_epoch >= epochs:
         log(f"{checkpoint_path} is at epoch {start_epoch}: nothing left to train for --epochs {epochs}")
@@ -359,6 +369,10 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
             progress.set_postfix(postfix)
 
+        if dist_info.enabled:  # the epoch's mean losses over every process's images, not the main one's alone
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            sums = dict(zip(sums, (totals / dist_info.world_size).tolist()))
         record = {
             "epoch": epoch + 1,
             **{k: v / iters_per_epoch for k, v in sums.items()},
@@ -372,11 +386,13 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         history.append(record)
         if main_process:
             save_epoch(epoch + 1)  # before any evaluation: a run stopped during it keeps this epoch
-            finish_epoch(record)
+        finish_epoch(record)
         if dist_info.enabled:
             torch.distributed.barrier()
 
-    if main_process and evaluation:
+    if writer:
+        writer.close()
+    if evaluation:
         log(summary(cfg, evaluation))
     if dist_info.enabled:
         torch.distributed.destroy_process_group()
@@ -407,9 +423,10 @@ def describe_preset(cfg: TrainConfig, flags: dict, chosen: bool) -> str:
     return line
 
 
-def evaluate(cfg: TrainConfig, backbone, device, name: str) -> dict:
+def evaluate(cfg: TrainConfig, backbone, device, name: str, dist_info) -> dict:
     """Weighted k-NN on CLS features (``--eval_data_path``, else the built-in shapes, which add the linear
-    segmentation probe on patch features); keys carry ``name`` (teacher or random_init)."""
+    segmentation probe on patch features); keys carry ``name`` (teacher or random_init). Every process
+    calls it under torchrun: the images are sharded over them."""
     from adclr.evaluate import EvalConfig, evaluate_backbone
 
     eval_data_path = cfg.run.eval_data_path
@@ -417,11 +434,18 @@ def evaluate(cfg: TrainConfig, backbone, device, name: str) -> dict:
         data_path=eval_data_path,
         image_size=cfg.data.global_size,
         resize_size=None if eval_data_path else cfg.data.global_size,  # DINO's 256/224 resize on real images
+        num_workers=cfg.data.num_workers if eval_data_path else 0,  # the built-in shapes are made in memory
         builtin_train_size=cfg.data.builtin_train_size,
         builtin_val_size=cfg.data.builtin_test_size,
         seed=cfg.run.seed,
     )
-    return {f"{key}_{name}": value for key, value in evaluate_backbone(backbone, config, device).items()}
+    try:
+        results = evaluate_backbone(backbone, config, device, dist_info)
+    except ValueError as error:  # the evaluation folder's images (no image in a class, an unreadable one)
+        if not eval_data_path:
+            raise
+        raise UserError(f"--eval_data_path {eval_data_path}: {error}") from None
+    return {f"{key}_{name}": value for key, value in results.items()}
 
 
 def summary(cfg: TrainConfig, evaluation: dict) -> str:

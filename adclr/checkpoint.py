@@ -124,22 +124,29 @@ def load_checkpoint(path: str) -> Checkpoint:
 def find_resumable(output_dir: str) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
     """The checkpoint a run in ``output_dir`` resumes from, and the corrupt files (path, why) passed over.
 
-    ``checkpoint.pth`` if it reads (None if it does not exist). If it is corrupt (empty, truncated, not
-    written by ``torch.save``), the newest ``checkpointNNNN.pth`` that reads, passing over corrupt ones.
-    Nothing is renamed here (``set_aside`` does that), so every process of a distributed run can call it.
+    ``checkpoint.pth`` if it reads. If it is corrupt (empty, truncated, not written by ``torch.save``)
+    or missing (set aside by an earlier fallback whose run stopped before writing a new one), the
+    newest ``checkpointNNNN.pth`` that reads, passing over corrupt ones. None when the folder holds no
+    checkpoint at all: a fresh run. Nothing is renamed here (``set_aside`` does that), so every process
+    of a distributed run can call it.
 
-    Raises ``CheckpointError`` when ``checkpoint.pth`` is corrupt and no numbered checkpoint reads (a
-    run must never restart from epoch 0 unasked), or when a file reads but cannot be used (another
-    tool's file, a newer format): those need the user's decision, not a fallback.
+    Raises ``CheckpointError`` when checkpoints exist but none reads (a run must never restart from
+    epoch 0 unasked), or when a file reads but cannot be used (another tool's file, a newer format):
+    those need the user's decision, not a fallback.
     """
     latest = os.path.join(output_dir, LATEST)
-    if not os.path.exists(latest):
+    numbered = sorted(
+        (int(match.group(1)), name)
+        for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+        if (match := NUMBERED.fullmatch(name))
+    )
+    candidates = [os.path.join(output_dir, name) for _, name in reversed(numbered)]
+    if os.path.exists(latest):
+        candidates.insert(0, latest)
+    if not candidates:
         return None, []
     corrupt = []
-    numbered = sorted(
-        (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := NUMBERED.fullmatch(name))
-    )
-    for path in [latest, *(os.path.join(output_dir, name) for _, name in reversed(numbered))]:
+    for path in candidates:
         try:
             return load_checkpoint(path), corrupt
         except CorruptCheckpointError as error:
@@ -147,8 +154,8 @@ def find_resumable(output_dir: str) -> tuple[Checkpoint | None, list[tuple[str, 
     fallback = "none of the numbered checkpoints reads either" if numbered else "there is no numbered checkpoint"
     raise CheckpointError(
         f"cannot resume: {'; '.join(reason for _, reason in corrupt)}; {fallback} (checkpointNNNN.pth, every "
-        f"--saveckp_freq epochs) to fall back on. Move {latest} away to start from scratch, or choose another "
-        "--output_dir"
+        f"--saveckp_freq epochs) to fall back on. Move the checkpoints in {output_dir} away to start from "
+        "scratch, or choose another --output_dir"
     )
 
 
@@ -170,6 +177,8 @@ def restore(checkpoint: Checkpoint, state: TrainState) -> None:
         "loss": state.loss,
     }
     for key, target in targets.items():
+        if key == "scaler" and not checkpoint.states[key]:
+            continue  # saved without fp16 (a disabled scaler has no state): an fp16 resume starts a fresh scale
         try:
             target.load_state_dict(checkpoint.states[key])
         except (RuntimeError, ValueError, KeyError) as error:

@@ -56,7 +56,7 @@ def require_folder(path: str, flag: str) -> None:
 
 def require_eval_folders(path: str, flag: str) -> None:
     """``path`` (given as ``flag``) must hold ``train/`` and ``val/`` ImageFolder trees with the same class
-    sub-folders (the images themselves are listed when the evaluation runs)."""
+    sub-folders, none of them empty (the images themselves are read when the evaluation runs)."""
     require_folder(path, flag)
     classes = []
     for split in ("train", "val"):
@@ -66,6 +66,10 @@ def require_eval_folders(path: str, flag: str) -> None:
         classes.append({entry.name for entry in os.scandir(folder) if entry.is_dir()})
         if not classes[-1]:
             raise UserError(f"{flag} {folder} has no class sub-folders (ImageFolder layout: <class>/<image>)")
+        for name in sorted(classes[-1]):
+            with os.scandir(os.path.join(folder, name)) as entries:
+                if not any(entry.is_file() for entry in entries):
+                    raise UserError(f"{flag} {os.path.join(folder, name)} holds no file: every class needs images")
     if classes[0] != classes[1]:
         only_train, only_val = sorted(classes[0] - classes[1])[:5], sorted(classes[1] - classes[0])[:5]
         raise UserError(

@@ -360,14 +360,18 @@ class EvalConfig:
     seg_batch_size: int = 64
 
 
-def evaluate_backbone(backbone: nn.Module, config: EvalConfig, device: torch.device) -> dict[str, float]:
+def evaluate_backbone(
+    backbone: nn.Module, config: EvalConfig, device: torch.device, dist_info: DistInfo | None = None
+) -> dict[str, float]:
     """The trainer's periodic and final evaluation of ``backbone`` (ADCLR's ViT or a timm ViT).
 
     Returns ``knn_top1`` and ``knn_top5`` (weighted k-NN on the CLS token, ``config.k`` neighbours,
     ``eval_knn``'s code; top-5 only with more than 5 classes) and, on the built-in data,
     ``dense_miou`` (``eval_seg``'s linear segmentation probe on the shapes' masks). Seeded: the same
-    backbone gives the same numbers, and the caller's random state is left untouched. Runs in the
-    calling process alone (no collectives); the backbone's train/eval mode is restored.
+    backbone gives the same numbers, and the caller's random state is left untouched. Without
+    ``dist_info`` it runs in the calling process alone (no collectives); with torchrun's ``dist_info``
+    every process must call it: each extracts a shard of the images and every one gets the same
+    results. The backbone's train/eval mode is restored.
     """
     from .eval_knn import knn_evaluate  # the protocol modules import this one, hence the late imports
     from .eval_seg import seg_probe, seg_transform
@@ -393,6 +397,7 @@ def evaluate_backbone(backbone: nn.Module, config: EvalConfig, device: torch.dev
         batch_size=config.batch_size,
         device=device,
         num_workers=config.num_workers,
+        dist_info=dist_info,
     )
     results = {"knn_top1": knn[config.k]["top1"]}
     if knn[config.k]["top5"] is not None:
@@ -410,6 +415,7 @@ def evaluate_backbone(backbone: nn.Module, config: EvalConfig, device: torch.dev
             extract_batch_size=config.batch_size,
             device=device,
             num_workers=config.num_workers,
+            dist_info=dist_info,
             seed=config.seed,
         )
         results["dense_miou"] = seg["miou"]

@@ -199,11 +199,16 @@ class MultiCropWrapper(nn.Module):
         return self.head(cls_features), self.query_head(query_features)
 
     def _backbone_outputs(self, crops, query_crops):
-        """Backbone CLS outputs of every crop ``[n_crops*B, C]`` and query outputs ``[views, B, Q, C]``."""
-        sizes = torch.tensor([c.shape[-1] for c in crops])
-        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        """Backbone CLS outputs of every crop ``[n_crops*B, C]`` and query outputs ``[views, B, Q, C]``.
+
+        One backbone pass per run of same-size crops; with query crops the two global views are a group
+        of their own even when the local crops have their size, since only they carry the queries.
+        """
+        ends = {i for i in range(1, len(crops)) if crops[i].shape[-1] != crops[i - 1].shape[-1]} | {len(crops)}
+        if query_crops is not None:
+            ends.add(min(2, len(crops)))
         cls_features, query_features, start = [], None, 0
-        for end in ends:
+        for end in sorted(ends):
             group = torch.cat(crops[start:end])
             queries = None
             if start == 0 and query_crops is not None:

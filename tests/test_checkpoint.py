@@ -218,8 +218,11 @@ def test_a_readable_checkpoint_of_another_kind_is_no_reason_to_fall_back(tmp_pat
     with pytest.raises(CheckpointError, match="format version 99") as caught:
         find_resumable(str(tmp_path))
     assert not isinstance(caught.value, CorruptCheckpointError)
-    os.remove(tmp_path / "checkpoint.pth")
-    assert find_resumable(str(tmp_path)) == (None, [])  # no checkpoint.pth: a fresh run, numbered ones or not
+    os.remove(tmp_path / "checkpoint.pth")  # set aside by an earlier fallback: the newest numbered one resumes
+    resumed, corrupt = find_resumable(str(tmp_path))
+    assert resumed.path == str(tmp_path / "checkpoint0001.pth") and resumed.epoch == 1 and corrupt == []
+    os.remove(tmp_path / "checkpoint0001.pth")
+    assert find_resumable(str(tmp_path)) == (None, [])  # no checkpoint at all: a fresh run
 
 
 def test_missing_file_and_bad_config_are_refused(tmp_path, trained):
@@ -255,3 +258,13 @@ def test_load_backbone(tmp_path, trained):
     with pytest.raises(ValueError, match="branch must be one of"):
         load_backbone(path, "ema")
     assert checkpoint.BRANCHES == ("teacher", "student")
+
+
+def test_a_run_without_fp16_resumes_with_fp16_on_a_fresh_scale(tmp_path, trained):
+    """The fp32 run's scaler was disabled (no state): an fp16 resume starts its scaler afresh and loads the rest."""
+    config, state = trained
+    save_checkpoint(str(tmp_path / "checkpoint.pth"), state, config, 2, [])
+    fp16 = engine.build_train_state(tiny_config(seed=3, precision="fp16"), CPU)
+    restore(load_checkpoint(str(tmp_path / "checkpoint.pth")), fp16)
+    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0**16
+    assert_same(fp16.student.state_dict(), state.student.state_dict())

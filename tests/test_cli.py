@@ -286,3 +286,25 @@ def test_the_readme_test_command_is_what_ci_runs():
     (documented,) = [line.split(" && ")[-1] for line in readme.splitlines() if "python -m pytest" in line]
     (run,) = [line for line in ci.splitlines() if line.startswith("python -m pytest")]
     assert documented == run and "--durations=15" in run
+
+
+def test_eval_folders_are_checked_before_training(tmp_path):
+    """--eval_data_path: train/ and val/ with the same, non-empty class folders, or one clear UserError."""
+    from adclr.cli import UserError, require_eval_folders
+
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "0.png").write_bytes(b"")
+    require_eval_folders(str(tmp_path), "--eval_data_path")
+    (tmp_path / "val" / "dog" / "0.png").unlink()
+    with pytest.raises(UserError, match=r"val/dog holds no file"):
+        require_eval_folders(str(tmp_path), "--eval_data_path")
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
+    (tmp_path / "val" / "bird" / "0.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"only in train: \['dog'\], only in val: \['bird'\]"):
+        require_eval_folders(str(tmp_path), "--eval_data_path")
+    with pytest.raises(UserError, match="has no train/ folder"):
+        require_eval_folders(str(tmp_path / "train"), "--eval_data_path")
+    with pytest.raises(UserError, match="does not exist"):
+        require_eval_folders(str(tmp_path / "missing"), "--eval_data_path")

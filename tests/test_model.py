@@ -167,7 +167,8 @@ def test_dino_head_shapes_and_frozen_magnitude():
 
 
 @pytest.mark.parametrize("separate_query_head", [False, True])
-def test_multicrop_wrapper_matches_each_crop_on_its_own(separate_query_head):
+@pytest.mark.parametrize("local_size", [16, 32], ids=["small_local_crops", "local_crops_of_global_size"])
+def test_multicrop_wrapper_matches_each_crop_on_its_own(separate_query_head, local_size):
     """Every crop distinct: each crop's CLS logits and each global view's query logits are those of that
     crop alone through the backbone and the right head (a swap, a view/batch mix-up or query crops sent
     to a local crop would show)."""
@@ -176,7 +177,8 @@ def test_multicrop_wrapper_matches_each_crop_on_its_own(separate_query_head):
     query_head = DINOHead(32, 50, 64, 16) if separate_query_head else None
     wrapper = MultiCropWrapper(backbone, head, query_head)
     B, Q = 3, 5
-    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(4)]
+    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)]
+    crops += [torch.randn(B, 3, local_size, local_size) for _ in range(4)]
     query_crops = torch.randn(B, Q, 3, 8, 8)
     with torch.no_grad():
         cls, queries = wrapper(crops, query_crops)
