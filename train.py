@@ -27,6 +27,8 @@ from adclr.choices import ARCHS, ATTN_BACKENDS, PRECISIONS, QUERY_KEY_RULES
 from adclr.cli import (
     UserError,
     add_debug_flag,
+    check_device,
+    parse_bool,
     require_eval_folders,
     require_folder,
     require_writable_folder,
@@ -71,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     flag("out_dim", "head output dimension K")
     flag("head_hidden_dim", "head MLP width")
     flag("head_bottleneck_dim", "head bottleneck width")
-    flag("norm_last_layer", "freeze the weight norm of the head's last layer", type=_bool)
+    flag("norm_last_layer", "freeze the weight norm of the head's last layer", type=parse_bool)
     flag("separate_query_head", "query tokens get their own head", action="store_true")
     flag("drop_path_rate", "stochastic depth of the student")
     flag("attn_backend", "attention implementation", choices=ATTN_BACKENDS)
@@ -90,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "fused_loss",
         "apply the heads' last layer inside the chunked loss, never materialising [tokens, K] logits; "
         "false: the unfused reference loss",
-        type=_bool,
+        type=parse_bool,
     )
     # Optimisation
     flag(
@@ -137,12 +139,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse and check the command line (without torch), then train; a user's mistake exits 2 in one line."""
     parser = get_args_parser()
@@ -162,25 +158,6 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, flags, chosen_preset=preset is not None)
 
 
-def check_device(cfg: TrainConfig, device_type: str, interpreter: bool) -> list[str]:
-    """What the run asks of the device, checked before any data is read: raises ``UserError`` for what cannot
-    run here, returns notes on what runs but is likely not what was meant."""
-    if cfg.model.attn_backend == "triton" and device_type != "cuda" and not interpreter:
-        raise UserError(
-            "--attn_backend triton needs a CUDA GPU and there is none (on CPU the Triton kernel runs only "
-            "under TRITON_INTERPRET=1, for tests); use --attn_backend auto (the exact SDPA fallback here) or sdpa"
-        )
-    if cfg.optim.precision == "fp16" and device_type != "cuda":
-        raise UserError(
-            "--precision fp16 needs a CUDA GPU: on CPU fp16 autocast is about 2x slower than fp32 and its "
-            "gradient scaler skips the first steps (a short run never updates); use --precision fp32 "
-            "(the CPU default) or bf16"
-        )
-    if cfg.optim.precision == "bf16" and device_type != "cuda":
-        return ["--precision bf16 on CPU runs, but is faster than fp32 only on CPUs with bf16 matrix units"]
-    return []
-
-
 def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     """The run: device checks, data, networks, resume, then epochs of training, checkpoints and evaluation."""
     import torch
@@ -197,7 +174,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg.optim.precision = cfg.optim.precision or engine.default_precision(device)
-    notes = check_device(cfg, device.type, interpreter_enabled())
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    notes = check_device(cfg, device.type, capability, interpreter_enabled())
     dist_info = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)

@@ -29,6 +29,13 @@ def add_debug_flag(parser: argparse.ArgumentParser, **kwargs) -> None:
     )
 
 
+def parse_bool(text: str) -> bool:
+    """``argparse`` type of a true/false flag: true, false, 1 or 0."""
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def debugging(debug: bool = False) -> bool:
     """Whether tracebacks are wanted: ``--debug`` given or ``ADCLR_DEBUG`` set to anything but 0."""
     return debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -44,6 +51,35 @@ def user_errors(debug: bool = False):
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def check_device(cfg, device_type: str, capability: tuple[int, int] | None, interpreter: bool) -> list[str]:
+    """What the run's config ``cfg`` asks of the device (``capability``: the CUDA GPU's, None on CPU),
+    checked before any data is read: raises ``UserError`` for what cannot run here, returns notes on what
+    runs but is likely not what was meant."""
+    backend, precision = cfg.model.attn_backend, cfg.optim.precision
+    if backend == "triton" and device_type != "cuda" and not interpreter:
+        raise UserError(
+            "--attn_backend triton needs a CUDA GPU and there is none (on CPU the Triton kernel runs only "
+            "under TRITON_INTERPRET=1, for tests); use --attn_backend auto (the exact SDPA fallback here) or sdpa"
+        )
+    if precision == "fp16" and device_type != "cuda":
+        raise UserError(
+            "--precision fp16 needs a CUDA GPU: on CPU fp16 autocast is about 2x slower than fp32 and its "
+            "gradient scaler skips the first steps (a short run never updates); use --precision fp32 "
+            "(the CPU default) or bf16"
+        )
+    if precision == "bf16" and device_type != "cuda":
+        return ["--precision bf16 on CPU runs, but is faster than fp32 only on CPUs with bf16 matrix units"]
+    if precision == "bf16" and capability is not None and capability < (8, 0):
+        if backend == "triton":
+            raise UserError(
+                f"--attn_backend triton with --precision bf16 needs a GPU of compute capability 8.0 or newer "
+                f"(this one is {capability[0]}.{capability[1]}); use --precision fp16 (the default here) or "
+                "--attn_backend auto"
+            )
+        return [f"bf16 is emulated on this GPU (compute capability {capability[0]}.{capability[1]}); fp16 is faster"]
+    return []
 
 
 def require_folder(path: str, flag: str) -> None:

@@ -130,8 +130,11 @@ class TrainState:
 
 
 def default_precision(device: torch.device) -> str:
-    """bf16 autocast on CUDA; fp32 on CPU, where autocast without bf16 matrix units is slower than fp32."""
-    return "bf16" if device.type == "cuda" else "fp32"
+    """bf16 autocast on CUDA GPUs with bf16 matrix units (sm80+), fp16 on older ones (V100: bf16 would be
+    emulated); fp32 on CPU, where autocast without bf16 matrix units is slower than fp32."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 def build_backbone(

@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import save_atomic
+from .cli import parse_bool
 from .data import LabelledImages, check_same_classes
 from .evaluate import (
     BackboneFeatures,
@@ -38,7 +39,6 @@ from .evaluate import (
     backbone_description,
     eval_transform,
     load_frozen_backbone,
-    parse_bool,
     positive,
     progress,
     run_command,

@@ -31,6 +31,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import BRANCHES, load_backbone
 from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticShapes, check_same_classes
 from .export import load_exported
+from .files import atomic_write
 from .training import DistInfo, init_distributed
 
 # ---- transforms ------------------------------------------------------------------------------------
@@ -276,12 +277,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, image_size: int, batch
     data.add_argument("--seed", type=int, default=0)
 
 
-def parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1")
-
-
 def positive(name: str, value, minimum=1) -> None:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
@@ -308,14 +303,12 @@ def backbone_description(args: argparse.Namespace) -> dict:
 
 
 def write_results(output_dir: str, name: str, results: dict) -> str:
-    """``output_dir/name`` written atomically (NaN-free JSON); returns its path."""
+    """``output_dir/name`` written atomically with the user's umask (NaN-free JSON); returns its path."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, name)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(results, indent=2, allow_nan=False) + "\n"  # refuses NaN before the file is touched
+    with atomic_write(path, "w") as f:
+        f.write(text)
     return path
 
 

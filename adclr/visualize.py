@@ -63,13 +63,23 @@ class AttentionTiles:
 
 
 @torch.no_grad()
-def attention_tiles(backbone, image: Image.Image, size: int, patch: int, num_query: int) -> AttentionTiles:
-    """Run ``backbone`` on ``image`` resized to ``size`` with ``num_query`` random query crops (torch's RNG)
-    and render its last block's CLS and query attention."""
+def attention_tiles(
+    backbone,
+    image: Image.Image,
+    size: int,
+    patch: int,
+    num_query: int,
+    query_scale: tuple[float, float] = MultiCropConfig.query_scale,
+) -> AttentionTiles:
+    """Run ``backbone`` on ``image`` resized to ``size`` with ``num_query`` random query crops of
+    ``query_scale`` (area range, as in training; torch's RNG) and render its last block's CLS and query
+    attention."""
     image = image.convert("RGB").resize((size, size), Image.BICUBIC)
     pixels = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True).as_subclass(torch.Tensor)
     views = v2.functional.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)[None]
-    augment = MultiCropAugmentation(MultiCropConfig(num_query=num_query, patch_size=patch, local_crops_number=0))
+    augment = MultiCropAugmentation(
+        MultiCropConfig(num_query=num_query, query_scale=query_scale, patch_size=patch, local_crops_number=0)
+    )
     boxes = augment.query_boxes(image)  # [Q, 4] top, left, height, width in view pixels
     query_crops = augment.crop_queries(image, boxes)
     probs, layout = backbone.last_attention(views, query_crops[None] if num_query else None)
@@ -97,11 +107,17 @@ def attention_tiles(backbone, image: Image.Image, size: int, patch: int, num_que
 
 
 def attention_pictures(
-    backbone, image: Image.Image, size: int, patch: int, num_query: int, output_dir: str
+    backbone,
+    image: Image.Image,
+    size: int,
+    patch: int,
+    num_query: int,
+    output_dir: str,
+    query_scale: tuple[float, float] = MultiCropConfig.query_scale,
 ) -> list[str]:
     """Write ``cls_attention.png`` (and ``query_attention.png`` with query crops) of ``attention_tiles``
     to ``output_dir``; returns their paths."""
-    tiles = attention_tiles(backbone, image, size, patch, num_query)
+    tiles = attention_tiles(backbone, image, size, patch, num_query, query_scale)
     pictures = {"cls_attention.png": make_grid([tiles.image, tiles.cls_mean, *tiles.cls_heads], nrow=8, pad_value=1)}
     if num_query:
         labelled = draw_boxes(tiles.image, tiles.boxes, [str(i + 1) for i in range(num_query)])
@@ -144,7 +160,9 @@ def main(argv=None) -> None:
         num_query = run.num_query if args.num_query is None else args.num_query
         torch.manual_seed(args.seed)
         try:
-            paths = attention_pictures(backbone, image, run.global_size, run.patch_size, num_query, args.output_dir)
+            paths = attention_pictures(
+                backbone, image, run.global_size, run.patch_size, num_query, args.output_dir, run.data.query_scale
+            )
         except OSError as error:
             raise UserError(f"--output_dir {args.output_dir}: cannot write the pictures there ({error})") from None
     for path in paths:

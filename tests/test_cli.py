@@ -308,3 +308,42 @@ def test_eval_folders_are_checked_before_training(tmp_path):
         require_eval_folders(str(tmp_path / "train"), "--eval_data_path")
     with pytest.raises(UserError, match="does not exist"):
         require_eval_folders(str(tmp_path / "missing"), "--eval_data_path")
+
+
+@pytest.mark.parametrize(
+    "backend, precision, device, capability, outcome",
+    [
+        ("triton", "fp32", "cpu", None, "needs a CUDA GPU"),
+        ("auto", "fp16", "cpu", None, "fp16 needs a CUDA GPU"),
+        ("auto", "bf16", "cpu", None, "note: bf16 matrix units"),
+        ("triton", "bf16", "cuda", (7, 0), "compute capability 8.0 or newer"),
+        ("auto", "bf16", "cuda", (7, 0), "note: emulated"),
+        ("triton", "bf16", "cuda", (9, 0), "fine"),
+        ("auto", "fp16", "cuda", (7, 0), "fine"),
+    ],
+)
+def test_device_checks(backend, precision, device, capability, outcome):
+    """What a device cannot run is refused at start-up; what runs but is probably not meant gets a note."""
+    from adclr.cli import UserError, check_device
+    from adclr.config import make_config
+
+    cfg = make_config(attn_backend=backend, precision=precision)
+    if outcome.startswith("note: "):
+        notes = check_device(cfg, device, capability, interpreter=False)
+        assert len(notes) == 1 and outcome[len("note: ") :] in notes[0]
+    elif outcome == "fine":
+        assert check_device(cfg, device, capability, interpreter=False) == []
+    else:
+        with pytest.raises(UserError, match=outcome):
+            check_device(cfg, device, capability, interpreter=False)
+    assert check_device(make_config(attn_backend="triton"), "cpu", None, interpreter=True) == []
+
+
+def test_default_precision_follows_the_gpu(monkeypatch):
+    """bf16 where the GPU has bf16 matrix units (sm80+), fp16 on older GPUs (V100), fp32 on CPU."""
+    from adclr import engine
+
+    assert engine.default_precision(torch.device("cpu")) == "fp32"
+    for capability, expected in (((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert engine.default_precision(torch.device("cuda", 0)) == expected

@@ -144,6 +144,7 @@ def _extract_worker(rank, world_size, port, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_extraction_on_two_processes_equals_one(tmp_path):
     """11 images on 2 processes: padded shards, gathered with their indices back into dataset order."""
     with socket.socket() as s:
