@@ -33,46 +33,19 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 
 import torch
 
-from adclr.kernels import AttentionLayout, adclr_attention_packed, plans
+from adclr.kernels import adclr_attention_packed, plans
 from adclr.kernels import triton_attention as ops
+from bench.common import DTYPES, ERROR_FLOOR, VIT_SHAPES, Case, median_ms
 from bench.report import atomic_write, device_stamp, results_dir
-from bench.shapes import VIT_SHAPES
 
 RULES = ("prefix+raw", "raw+self", "raw", "prefix+raw+self", "bidirectional")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TINY_SHAPES = {"tiny47": (1, 2, 37, 10, 16), "tiny80": (1, 2, 70, 10, 16)}  # buckets 64 and 128
 TINY_TILES = (plans.INTERPRETER_TILES, plans.Tiles(16, 32, 1, 1))
-ERROR_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # as tests/attention_utils.py
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    shape: str
-    batch: int
-    heads: int
-    num_raw: int
-    num_query: int
-    head_dim: int
-    rule: str
-    dtype: str
-
-    @property
-    def layout(self) -> AttentionLayout:
-        return AttentionLayout.named(self.rule, self.num_raw, self.num_query)
-
-    @property
-    def key(self) -> plans.ShapeKey:
-        layout = self.layout
-        return plans.shape_key(layout.length, self.head_dim, DTYPES[self.dtype], layout.kernel_params)
-
-    def label(self) -> str:
-        return f"{self.shape} {self.rule} {self.dtype}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,20 +153,6 @@ def precompile(cases: list[Case], device: str, tiny: bool, jobs: int, log=print)
 # --------------------------------------------------------------------------------------------------
 
 
-def median_ms(fn, device: str, grad_to_none=None) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=3, rep=10, grad_to_none=grad_to_none, return_mode="median")
-    fn()  # the CPU smoke run measures the harness, not the kernels
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.double() - expected.double()).abs()
     return math.inf if not torch.isfinite(diff).all() else diff.max().item()
@@ -250,7 +209,7 @@ class Measurement:
             error, bound = _error(self.grads, self.truth_grad), self.grad_bound
         if error > bound:
             return math.nan, error, bound
-        return median_ms(lambda: [launch() for launch in launches], self.device), error, bound
+        return median_ms(lambda: [launch() for launch in launches], self.device, warmup=3, rep=10), error, bound
 
     def end_to_end(self, mode: str, backend: str, plan: plans.Plan | None) -> float:
         """Median ms of the public call (``fwd`` under no_grad, or ``fwd+bwd``) as a model makes it."""
@@ -269,9 +228,9 @@ class Measurement:
                 call()
 
         if plan is None:
-            return median_ms(run, self.device, [qkv])
+            return median_ms(run, self.device, [qkv], warmup=3, rep=10)
         with plans.forced_plan(plan):
-            return median_ms(run, self.device, [qkv])
+            return median_ms(run, self.device, [qkv], warmup=3, rep=10)
 
 
 def measure_case(case: Case, device: str, tiny: bool, failed: dict, rows: list, log=print) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from adclr.kernels import LAYOUT_NAMES, AttentionLayout, reference_attention
+from bench.common import ERROR_FLOOR  # the tuner's accuracy gate uses the same floor
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the kernels in the interpreter
 RULES = list(LAYOUT_NAMES)  # every query-key rule, plus the bidirectional ablation
@@ -13,11 +14,6 @@ RULES = list(LAYOUT_NAMES)  # every query-key rule, plus the bidirectional ablat
 def layout_for(rule: str, R: int, Q: int, P: int) -> AttentionLayout:
     """The layout of ``rule`` (one of ``RULES``) with R raw tokens (P of them prefix) and Q queries."""
     return AttentionLayout.named(rule, R, Q, P)
-
-
-# Additive floor on top of the "at most 2x PyTorch's own error" rule: one unit in the last place
-# at magnitude 1, so exact-zero PyTorch errors (e.g. L = 1) do not demand bit-exactness.
-ERROR_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def make_qkv(batch, heads, seq_len, head_dim, dtype, device, strided=False):

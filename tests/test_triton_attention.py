@@ -25,7 +25,7 @@ from attention_utils import (
 
 from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
-from bench.shapes import VIT_SHAPES
+from bench.common import VIT_SHAPES
 
 STORAGES = ("contiguous", "strided", "packed")
 T = plans.Tiles
