@@ -94,6 +94,14 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must have dtype in {SUPPORTED_DTYPES}, got {t.dtype}")
 
 
+def _check_sizes(name: str, t: torch.Tensor, seq_dim: int) -> None:
+    """A head dim and a sequence length of at least 1 (an empty one has no softmax, and ``D**-0.5`` no value)."""
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} must have head dim D >= 1, got shape {tuple(t.shape)}")
+    if t.shape[seq_dim] < 1:
+        raise ValueError(f"{name} must have sequence length L >= 1, got shape {tuple(t.shape)}")
+
+
 def _check_dropout(dropout_p) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
@@ -177,6 +185,7 @@ def adclr_attention(
         raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    _check_sizes("q, k, v", q, seq_dim=2)
     needs_grad = _needs_grad(q, k, v)
     backend, scale = _resolve_call(backend, dropout_p, scale, q, layout, q.shape[2], "q", needs_grad)
     if backend == "triton":
@@ -203,6 +212,7 @@ def adclr_attention_packed(
     _check_tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
+    _check_sizes("qkv", qkv, seq_dim=1)
     backend, scale = _resolve_call(backend, dropout_p, scale, qkv, layout, qkv.shape[1], "qkv", _needs_grad(qkv))
     if backend == "triton":
         from .triton_attention import triton_attention_packed
