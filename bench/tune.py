@@ -434,7 +434,7 @@ def main(argv=None) -> str:
             decisions[key] = entry
             write_table(table_path, {key: entry}, stamp)
         write_outputs(output_dir, rows, decisions, stamp, table_path)
-    plans.load_table.cache_clear()
+    plans.clear_table_cache()
     print(f"table: {table_path}; {len(decisions)} keys decided in {time.time() - start:.0f} s")
     print(open(os.path.join(output_dir, "tune.md")).read() if decisions else "no decision")
     return output_dir

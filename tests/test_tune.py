@@ -24,7 +24,7 @@ def test_tune_smoke_run_writes_a_table_the_launcher_reads(tmp_path, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no invalid entry
         table = plans.load_table(str(path))
-    plans.load_table.cache_clear()
+    plans.clear_table_cache()
     assert set(table) == {plans.ShapeKey(16, "64", "fp32", "raw+self"), plans.ShapeKey(16, "128", "fp32", "raw+self")}
     rows = list(csv.DictReader(open(out / "tune.csv")))
     for name, (batch, heads, R, Q, D) in tune.TINY_SHAPES.items():
@@ -41,7 +41,7 @@ def test_tune_smoke_run_writes_a_table_the_launcher_reads(tmp_path, monkeypatch)
     params = AttentionLayout(37, 10, 1, "raw+self").kernel_params
     entry = table[plans.ShapeKey(16, "64", "fp32", "raw+self")]
     resolved = plans.resolve_plan(47, 16, torch.float32, params, device)
-    plans.load_table.cache_clear()
+    plans.clear_table_cache()
     assert resolved == plans.Plan(entry.fwd, entry.fwd_tiles, entry.bwd, entry.bwd_tiles)
 
 
