@@ -16,47 +16,24 @@ of every case; if the compiled call fails it is timed uncompiled and labelled ``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
-import statistics
 import time
 
 import torch
 
-from adclr.kernels import LAYOUT_NAMES, QUERY_KEY_RULES, AttentionLayout, reference_attention
+from adclr.kernels import LAYOUT_NAMES, QUERY_KEY_RULES, reference_attention
+from bench.common import DTYPES, VIT_SHAPES, Case, median_ms
 from bench.providers import attention_bytes, attention_flops, make_providers
 from bench.report import Report
-from bench.shapes import VIT_SHAPES
 
 TINY_SHAPES = {"tiny": (2, 2, 13, 4, 16)}
 SWEEP_TOKENS = 128 * 207  # batch * L held near ViT-S/16 global's, so every point fills the GPU
 SWEEP_LENGTHS = (47, 128, 256, 512, 1024, 2048, 4096)
 MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CACHE_BYTES = 3 * 64 * 2**20  # rotate through at least this much input (H100/H200 L2: 50-60 MB)
 CPU_COMMAND = "TRITON_INTERPRET=1 python -m bench.attention --device cpu --tiny"
 FLEX = ("flex", "flex_eager")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    batch: int
-    heads: int
-    num_raw: int
-    num_query: int
-    head_dim: int
-    rule: str
-    dtype: str
-    modes: tuple
-
-    @property
-    def layout(self) -> AttentionLayout:
-        return AttentionLayout.named(self.rule, self.num_raw, self.num_query)
-
-    def label(self) -> str:
-        return f"{self.name} {self.rule} {self.dtype}"
 
 
 def input_sets(batch, heads, length, head_dim, dtype, device, count):
@@ -67,20 +44,6 @@ def input_sets(batch, heads, length, head_dim, dtype, device, count):
         )
         sets.append((q, k, v, torch.randn_like(q)))
     return sets
-
-
-def timed_median_ms(fn, device, grad_to_none) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-    fn()  # CPU smoke runs: a couple of wall-clock repeats, for the harness rather than the numbers
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def benchmark_provider(provider, sets, mode: str, device) -> float:
@@ -105,7 +68,7 @@ def benchmark_provider(provider, sets, mode: str, device) -> float:
             i = next(counter) % len(sets)
             outputs[i].backward(sets[i][3], retain_graph=True)
 
-    return timed_median_ms(fn, device, leaves)
+    return median_ms(fn, device, leaves)
 
 
 def peak_extra_mib(provider, q, k, v, do, device) -> float:
@@ -122,11 +85,14 @@ def peak_extra_mib(provider, q, k, v, do, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def run_case(case: Case, device, compile_flex: bool, report: Report, ours_ms: dict, only=None, skip=()) -> list[str]:
-    """Time the providers of ``case`` (those in ``only`` if given, none in ``skip``) and add a row per
-    provider and mode; ``ours_ms`` carries our times to rows added later (the flex pass)."""
+def run_case(
+    case: Case, modes, device, compile_flex: bool, report: Report, ours_ms: dict, only=None, skip=()
+) -> list[str]:
+    """Time the providers of ``case`` in each of ``modes`` (those in ``only`` if given, none in
+    ``skip``) and add a row per provider and mode; ``ours_ms`` carries our times to rows added later
+    (the flex pass)."""
     layout = case.layout
-    dtype, scale = DTYPES[case.dtype], case.head_dim**-0.5
+    dtype, scale = case.torch_dtype, case.head_dim**-0.5
     providers, missing = make_providers(layout, scale, device, dtype, compile_flex)
     fallback = providers.pop("flex_eager") if "flex" in providers else None  # timed if the compiled flex fails
     set_bytes = 4 * case.batch * case.heads * layout.length * case.head_dim * torch.finfo(dtype).bits // 8
@@ -140,7 +106,7 @@ def run_case(case: Case, device, compile_flex: bool, report: Report, ours_ms: di
             report.note(f"{case.label()}: {provider_name} skipped ({why})")
     names = [n for n in providers if (only is None or n in only) and n not in skip]
     progress = []
-    for mode in case.modes:
+    for mode in modes:
         times = {}
         for name in names:
             try:
@@ -158,7 +124,7 @@ def run_case(case: Case, device, compile_flex: bool, report: Report, ours_ms: di
                 error = math.nan if name == "full_sdpa" else (provider(q0, k0, v0).double() - truth).abs().max().item()
             report.add(
                 dict(
-                    shape=case.name,
+                    shape=case.shape,
                     batch=case.batch,
                     heads=case.heads,
                     L=layout.length,
@@ -186,11 +152,12 @@ def run_case(case: Case, device, compile_flex: bool, report: Report, ours_ms: di
     return progress
 
 
-def make_cases(args) -> list[Case]:
+def make_cases(args) -> list[tuple[Case, tuple]]:
+    """``[(case, modes), ...]`` in the order they run."""
     shapes = TINY_SHAPES if args.tiny else {k: VIT_SHAPES[k] for k in args.shapes}
     dtypes = ["fp32"] if args.tiny else args.dtypes
     cases = [
-        Case(name, *shape, rule, dtype_name, tuple(args.modes))
+        (Case(name, *shape, rule, dtype_name), tuple(args.modes))
         for name, shape in shapes.items()
         for dtype_name in dtypes
         for rule in args.rules
@@ -198,7 +165,7 @@ def make_cases(args) -> list[Case]:
     if args.sweep and not args.tiny:
         for length in SWEEP_LENGTHS:
             batch = max(1, SWEEP_TOKENS // length)
-            cases.append(Case(f"sweep_L{length}", batch, 6, length - 10, 10, 64, "prefix+raw", "bf16", ("fwd+bwd",)))
+            cases.append((Case(f"sweep_L{length}", batch, 6, length - 10, 10, 64, "prefix+raw", "bf16"), ("fwd+bwd",)))
     return cases
 
 
@@ -212,7 +179,13 @@ def main(argv=None) -> str:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"])
     parser.add_argument("--sweep", action="store_true", help="also sweep L at constant tokens (prefix+raw, bf16)")
     parser.add_argument("--no_flex", action="store_true", help="skip FlexAttention (its compiles take the longest)")
-    parser.add_argument("--budget_s", type=float, default=math.inf, help="start no new case after this many seconds")
+    parser.add_argument(
+        "--budget_s",
+        type=float,
+        default=math.inf,
+        help="start no new case after this many seconds, nor a flex case that would end past them at the pace "
+        "of the slowest flex case so far (the first flex case needs the margin up to the caller's timeout)",
+    )
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -228,27 +201,34 @@ def main(argv=None) -> str:
     report = Report("attention", args.output_dir, device)
     compile_flex = device.type == "cuda"
     cases, ours_ms, start = make_cases(args), {}, time.time()
-    for i, case in enumerate(cases, 1):
+    for i, (case, modes) in enumerate(cases, 1):
         if time.time() - start > args.budget_s:
             report.note(f"budget of {args.budget_s:.0f} s reached: {len(cases) - i + 1} cases not measured")
             break
         case_start = time.time()
-        progress = run_case(case, device, compile_flex, report, ours_ms, skip=FLEX)
+        progress = run_case(case, modes, device, compile_flex, report, ours_ms, skip=FLEX)
         report.write(plot=False)
         print(
             f"[{i}/{len(cases)}] {case.label()}: {'; '.join(progress)} ms ({time.time() - case_start:.0f} s)",
             flush=True,
         )
-    if not args.no_flex:  # last: one compile per shape and rule, the slowest part of the run
-        for i, case in enumerate(c for c in cases if any(key[0] == c for key in ours_ms)):
-            if time.time() - start > args.budget_s:
-                report.note(f"budget of {args.budget_s:.0f} s reached before flex of {case.label()}")
+    if not args.no_flex:  # last: one compile per shape, rule and mode, the slowest part of the run
+        slowest = 0.0  # the longest flex case so far: a compile that would end past the budget is not started
+        measured = [(c, m) for c, m in cases if any(key[0] == c for key in ours_ms)]
+        for i, (case, modes) in enumerate(measured, 1):
+            if time.time() - start + slowest > args.budget_s:
+                report.note(
+                    f"budget of {args.budget_s:.0f} s reached before flex of {case.label()} (the slowest flex case "
+                    f"took {slowest:.0f} s): {len(measured) - i + 1} flex cases not measured"
+                )
                 break
             case_start = time.time()
-            progress = run_case(case, device, compile_flex, report, ours_ms, only=FLEX)
+            progress = run_case(case, modes, device, compile_flex, report, ours_ms, only=FLEX)
             report.write(plot=False)
+            slowest = max(slowest, time.time() - case_start)
             print(
-                f"[flex {i + 1}] {case.label()}: {'; '.join(progress)} ms ({time.time() - case_start:.0f} s)",
+                f"[flex {i}/{len(measured)}] {case.label()}: {'; '.join(progress)} ms "
+                f"({time.time() - case_start:.0f} s)",
                 flush=True,
             )
     return report.write(plot_x="L" if args.sweep else None)

@@ -15,6 +15,11 @@ catches kernels that would fail only on a GPU.
 Per kernel: registers per thread, spill (stack) bytes, shared memory, whether the loads are
 cp.async-pipelined, which matrix instruction carries ``tl.dot`` (wgmma, mma.sync or FMA), and the
 resident CTAs per SM that registers, shared memory and warps allow.
+
+An offline tool, not on any GPU or training path: it drives Triton's compiler through private
+interfaces (``JITFunction._pack_args``, ``triton.runtime.jit.create_function_from_signature``,
+``triton.compiler.ASTSource`` / ``make_backend``), which change between Triton releases (written
+against 3.6 to 3.8; ``tests/test_compile.py`` fails first when a release breaks them).
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from triton.runtime.jit import create_function_from_signature
 
 from adclr.kernels import plans
 from adclr.kernels import triton_attention as ops
+from bench.common import DTYPES
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KERNELS = ("v2_fwd", "fused", "short", "v1_fwd", "v1_dkdv", "v1_dq")
 VIT_LENGTHS = (47, 207, 795)  # the attention lengths of ViT pretraining (96 px, 224 px at /16, 224 px at /8)
 HEADS = 6

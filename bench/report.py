@@ -186,7 +186,9 @@ def attention_summary(rows: list[dict]) -> list[str]:
 
 
 def tune_summary(rows: list[dict]) -> list[str]:
-    """Per key: the winning variants, and ours against the SDPA fallback end to end."""
+    """Per key: ours against the SDPA fallback end to end, summed over the key's shapes, and the plan
+    the table stores (the tuner times exactly that plan on every shape of the key, so every ``e2e``
+    row of a key names it)."""
     if not rows:
         return ["tuner: no results"]
     keys: dict[tuple, dict] = {}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from adclr.kernels import AttentionLayout
+from bench.common import VIT_SHAPES
 from bench.providers import make_providers
-from bench.shapes import VIT_SHAPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA device")
 

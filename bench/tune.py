@@ -8,16 +8,19 @@
 1. Every candidate (forward: v1, v2 x tiles; backward: v1, fused x tiles, short x warps where L
    fits one tile) is compiled first in a pool of processes that share Triton's on-disk cache, by
    running it once at batch 1 with the real strides (what a ViT call specialises to).
-2. Per case (shape x rule x dtype, most important first): each candidate's kernels are timed alone
-   (``triton.testing.do_bench``, L2 flushed between repetitions) after its output and gradients
-   pass the test suite's accuracy rule against a float32 SDPA result (error at most twice SDPA's own
-   in the same dtype plus one ulp); an inexact or failing candidate is reported and never chosen.
-3. The fastest forward and the fastest backward are then timed end to end through the public API
-   (forward under ``no_grad``; forward + backward), side by side with the exact SDPA fallback
-   (``backend="sdpa"``). ``auto`` takes, per mode, whichever was faster.
-4. Shapes that share a key (head dim, sequence bucket, dtype, mask kind) are decided by their summed
-   times. The table is merged into the existing one and rewritten after every key (atomic
-   replace), so a run cut short keeps what it measured; ``--budget_s`` stops starting new cases.
+2. Per case (shape x rule x dtype, most important first): each candidate runs once into NaN-filled
+   outputs and must pass the test suite's accuracy rule against a float32 SDPA result (error at most
+   twice SDPA's own in the same dtype plus one ulp; the forward's log-sum-exp, which the backward
+   reads, within 1e-4 relative of the fp32 one over each row's allowed keys); only then are its
+   kernels timed alone (``triton.testing.do_bench``, L2 flushed between repetitions). An inexact or
+   failing candidate is reported and never chosen.
+3. The shapes that share a key (head dim, sequence bucket, dtype, mask kind) decide its plan: the
+   forward and the backward exact on all of them with the least summed time.
+4. That plan, the one the table stores, is timed end to end through the public API (forward under
+   ``no_grad``; forward + backward) on every shape of the key, side by side with the exact SDPA
+   fallback (``backend="sdpa"``); ``auto`` takes, per mode, whichever summed lower. The table is
+   merged into the existing one and rewritten after every key (atomic replace), so a run cut short
+   keeps what it measured; ``--budget_s`` stops starting new keys.
 
 Outputs under ``--output_dir`` (default ``bench/results/<date>_<device>/``): ``tune.csv`` (every
 measurement), ``tune.md`` (the decisions) and a copy of the table under ``tiles/``.
@@ -33,46 +36,22 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 
 import torch
 
-from adclr.kernels import AttentionLayout, adclr_attention_packed, plans
+from adclr.kernels import adclr_attention_packed, plans
 from adclr.kernels import triton_attention as ops
+from bench.common import DTYPES, ERROR_FLOOR, VIT_SHAPES, Case, median_ms
 from bench.report import atomic_write, device_stamp, results_dir
-from bench.shapes import VIT_SHAPES
 
-RULES = ("prefix+raw", "raw+self", "raw", "prefix+raw+self", "bidirectional")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Most important first, so a run cut short by --budget_s has the keys training uses most: the default
+# rule, then the full mask (bidirectional stands in for every call without query tokens: the local
+# crops and evaluation), then the other rules.
+RULES = ("prefix+raw", "bidirectional", "raw+self", "raw", "prefix+raw+self")
 TINY_SHAPES = {"tiny47": (1, 2, 37, 10, 16), "tiny80": (1, 2, 70, 10, 16)}  # buckets 64 and 128
 TINY_TILES = (plans.INTERPRETER_TILES, plans.Tiles(16, 32, 1, 1))
-ERROR_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # as tests/attention_utils.py
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    shape: str
-    batch: int
-    heads: int
-    num_raw: int
-    num_query: int
-    head_dim: int
-    rule: str
-    dtype: str
-
-    @property
-    def layout(self) -> AttentionLayout:
-        return AttentionLayout.named(self.rule, self.num_raw, self.num_query)
-
-    @property
-    def key(self) -> plans.ShapeKey:
-        layout = self.layout
-        return plans.shape_key(layout.length, self.head_dim, DTYPES[self.dtype], layout.kernel_params)
-
-    def label(self) -> str:
-        return f"{self.shape} {self.rule} {self.dtype}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,56 +159,53 @@ def precompile(cases: list[Case], device: str, tiny: bool, jobs: int, log=print)
 # --------------------------------------------------------------------------------------------------
 
 
-def median_ms(fn, device: str, grad_to_none=None) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=3, rep=10, grad_to_none=grad_to_none, return_mode="median")
-    fn()  # the CPU smoke run measures the harness, not the kernels
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.double() - expected.double()).abs()
     return math.inf if not torch.isfinite(diff).all() else diff.max().item()
 
 
+def _sdpa_with_grad(qkv: torch.Tensor, do: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    qkv = qkv.detach().requires_grad_()
+    out = adclr_attention_packed(qkv, layout, backend="sdpa")
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    return out.detach(), grad
+
+
 class Measurement:
-    """Inputs, exactness bounds and timings of one case."""
+    """Inputs, exactness bounds and preallocated outputs of one case, for timing kernels alone."""
 
     def __init__(self, case: Case, device: str, tiny: bool):
         self.case, self.device, self.tiny = case, device, tiny
-        layout, dtype = case.layout, DTYPES[case.dtype]
+        layout, dtype = case.layout, case.torch_dtype
         self.layout, self.scale = layout, case.head_dim**-0.5
         shape = (case.batch, layout.length, 3, case.heads, case.head_dim)
         self.qkv = torch.randn(shape, dtype=dtype, device=device)
         self.do = torch.randn(case.batch, layout.length, case.heads, case.head_dim, dtype=dtype, device=device)
-        truth, truth_grad = self._sdpa(self.qkv.float(), self.do.float())
-        same, same_grad = self._sdpa(self.qkv, self.do)
+        truth, truth_grad = _sdpa_with_grad(self.qkv.float(), self.do.float(), layout)
+        same, same_grad = _sdpa_with_grad(self.qkv, self.do, layout)
         floor = ERROR_FLOOR[dtype]
         self.truth, self.truth_grad = truth, truth_grad
         self.out_bound = 2 * _error(same, truth) + floor
         self.grad_bound = 2 * _error(same_grad, truth_grad) + floor
         q, k, v = self.qkv.permute(2, 0, 3, 1, 4).unbind(0)
         self.q, self.k, self.v = q, k, v
+        # The base-2 log-sum-exp the backward reads: fp32 over each row's allowed keys, as the tests check it.
+        scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale
+        allowed = layout.dense_mask(device)
+        self.lse_truth = (scores.masked_fill(~allowed, -math.inf).logsumexp(-1) * ops.LOG2E).flatten(0, 1)
+        self.lse_bound = 1e-4 * max(1.0, self.lse_truth.abs().max().item())
+        del scores
         self.o, self.o_view, self.lse = ops.forward_outputs(q, seq_major=True)
         self.grads, self.grad_views = ops.gradient_outputs(q, seq_major=True)
         self.do_view = self.do.transpose(1, 2)
         self.capability = torch.cuda.get_device_capability() if device == "cuda" else None
 
-    def _sdpa(self, qkv, do):
-        qkv = qkv.detach().requires_grad_()
-        out = adclr_attention_packed(qkv, self.layout, backend="sdpa")
-        (grad,) = torch.autograd.grad(out, qkv, do)
-        return out.detach(), grad
-
-    def kernel(self, candidate: Candidate) -> tuple[float, float, float]:
-        """(ms, error, bound) of the candidate's launches alone, into preallocated buffers."""
+    def check(self, candidate: Candidate) -> tuple[list, str, float, float]:
+        """Run the candidate once into NaN-filled outputs, so that rows it leaves unwritten fail instead
+        of passing on an earlier candidate's values. ``(its launches, status, error, bound)``; status
+        ``ok``, ``inexact`` (output or gradients) or ``inexact lse`` (the forward's log-sum-exp)."""
+        for t in (self.o, self.lse, self.grads):
+            t.fill_(math.nan)
         plan = plan_of(candidate, self.case, self.tiny)
         params = self.layout.kernel_params
         fwd = ops.forward_launches(
@@ -238,44 +214,32 @@ class Measurement:
         for launch in fwd:
             launch()
         if candidate.direction == "fwd":
-            launches, error, bound = fwd, _error(self.o, self.truth), self.out_bound
-        else:
-            dq, dk, dv = self.grad_views
-            launches = ops.backward_launches(
-                self.do_view, self.q, self.k, self.v, self.o_view, self.lse, dq, dk, dv, params, self.scale, plan,
-                self.capability,
-            )  # fmt: skip
-            for launch in launches:
-                launch()
-            error, bound = _error(self.grads, self.truth_grad), self.grad_bound
-        if error > bound:
-            return math.nan, error, bound
-        return median_ms(lambda: [launch() for launch in launches], self.device), error, bound
+            lse_error = _error(self.lse, self.lse_truth)
+            if lse_error > self.lse_bound:
+                return fwd, "inexact lse", lse_error, self.lse_bound
+            error, bound = _error(self.o, self.truth), self.out_bound
+            return fwd, "ok" if error <= bound else "inexact", error, bound
+        dq, dk, dv = self.grad_views
+        bwd = ops.backward_launches(
+            self.do_view, self.q, self.k, self.v, self.o_view, self.lse, dq, dk, dv, params, self.scale, plan,
+            self.capability,
+        )  # fmt: skip
+        for launch in bwd:
+            launch()
+        error, bound = _error(self.grads, self.truth_grad), self.grad_bound
+        return bwd, "ok" if error <= bound else "inexact", error, bound
 
-    def end_to_end(self, mode: str, backend: str, plan: plans.Plan | None) -> float:
-        """Median ms of the public call (``fwd`` under no_grad, or ``fwd+bwd``) as a model makes it."""
-        qkv = self.qkv.detach().requires_grad_(mode != "fwd")
-
-        def call():
-            out = adclr_attention_packed(qkv, self.layout, backend=backend)
-            if mode != "fwd":
-                out.backward(self.do)
-
-        def run():
-            if mode == "fwd":
-                with torch.no_grad():
-                    call()
-            else:
-                call()
-
-        if plan is None:
-            return median_ms(run, self.device, [qkv])
-        with plans.forced_plan(plan):
-            return median_ms(run, self.device, [qkv])
+    def kernel(self, candidate: Candidate) -> tuple[float, str, float, float]:
+        """``(ms, status, error, bound)`` of the candidate's launches alone, into preallocated buffers;
+        ms is NaN unless the candidate passed ``check``."""
+        launches, status, error, bound = self.check(candidate)
+        if status != "ok":
+            return math.nan, status, error, bound
+        return median_ms(lambda: [launch() for launch in launches], self.device, warmup=3, rep=10), status, error, bound
 
 
-def measure_case(case: Case, device: str, tiny: bool, failed: dict, rows: list, log=print) -> dict:
-    """Time every candidate of ``case`` and the end-to-end contest; returns the case's results."""
+def measure_case(case: Case, device: str, tiny: bool, failed: dict, rows: list) -> dict:
+    """Check and time every candidate of ``case``: ``{"fwd": {candidate: ms}, "bwd": {...}}``, the exact ones."""
     m = Measurement(case, device, tiny)
     results = {"fwd": {}, "bwd": {}}
     for candidate in candidates(case, tiny):
@@ -284,30 +248,62 @@ def measure_case(case: Case, device: str, tiny: bool, failed: dict, rows: list, 
             status, ms, error, bound = f"compile failed: {failed[identity]}", math.nan, math.nan, math.nan
         else:
             try:
-                ms, error, bound = m.kernel(candidate)
-                status = "ok" if not math.isnan(ms) else "inexact"
+                ms, status, error, bound = m.kernel(candidate)
             except Exception as err:  # noqa: BLE001 - one failing candidate must not stop the tuning
                 status, ms, error, bound = f"failed: {type(err).__name__}: {err}", math.nan, math.nan, math.nan
         if status == "ok":
             results[candidate.direction][candidate] = ms
         rows.append(_row(case, candidate.direction, candidate.label(), ms, error, bound, status))
-    if not results["fwd"] or not results["bwd"]:
-        log(f"  {case.label()}: no exact candidate in some direction; SDPA only")
-    best_fwd = min(results["fwd"], key=results["fwd"].get, default=None)
-    best_bwd = min(results["bwd"], key=results["bwd"].get, default=None)
-    e2e = {}
-    for mode in ("fwd", "fwd+bwd"):
-        e2e[("sdpa", mode)] = m.end_to_end(mode, "sdpa", None)
-        rows.append(_row(case, f"e2e {mode}", "sdpa", e2e[("sdpa", mode)], math.nan, math.nan, "ok"))
-        if best_fwd and best_bwd:
-            plan = plans.Plan(best_fwd.variant, best_fwd.tiles, best_bwd.variant, best_bwd.tiles)
-            e2e[("ours", mode)] = m.end_to_end(mode, "triton", plan)
-            label = f"ours: {best_fwd.label()} / {best_bwd.label()}"
-            rows.append(_row(case, f"e2e {mode}", label, e2e[("ours", mode)], math.nan, math.nan, "ok"))
     del m
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"fwd": results["fwd"], "bwd": results["bwd"], "e2e": e2e}
+    return results
+
+
+def choose_plan(measured: list[dict]) -> tuple[Candidate, Candidate] | None:
+    """The key's forward and backward: exact on every shape of the key, least summed time. None when
+    some direction has no such candidate (the key then keeps the defaults)."""
+
+    def best(direction):
+        common = set.intersection(*(set(r[direction]) for r in measured))
+        return min(common, key=lambda c: sum(r[direction][c] for r in measured), default=None)
+
+    fwd, bwd = best("fwd"), best("bwd")
+    return None if fwd is None or bwd is None else (fwd, bwd)
+
+
+def plan_label(fwd: Candidate, bwd: Candidate) -> str:
+    return f"ours: {fwd.label()} / {bwd.label()}"
+
+
+def _public_call(qkv, do, layout, backend: str, plan: plans.Plan, backward: bool):
+    """One call of ``adclr_attention_packed`` as a model makes it: under no_grad, or with its backward."""
+
+    def run():
+        with torch.set_grad_enabled(backward), plans.forced_plan(plan):
+            out = adclr_attention_packed(qkv, layout, backend=backend)
+            if backward:
+                out.backward(do)
+
+    return run
+
+
+def end_to_end(case: Case, device: str, fwd: Candidate, bwd: Candidate, rows: list) -> dict:
+    """The public call as a model makes it (``fwd`` under no_grad; ``fwd+bwd``), timed with the key's
+    stored plan and with the exact SDPA fallback: ``{("ours" | "sdpa", mode): ms}``."""
+    layout = case.layout
+    qkv = torch.randn(case.batch, layout.length, 3, case.heads, case.head_dim, dtype=case.torch_dtype, device=device)
+    do = torch.randn(case.batch, layout.length, case.heads, case.head_dim, dtype=case.torch_dtype, device=device)
+    plan = plans.Plan(fwd.variant, fwd.tiles, bwd.variant, bwd.tiles)
+    times = {}
+    for mode in ("fwd", "fwd+bwd"):
+        leaf = qkv.detach().requires_grad_(mode != "fwd")
+        for who, backend in (("sdpa", "sdpa"), ("ours", "triton")):
+            run = _public_call(leaf, do, layout, backend, plan, backward=mode != "fwd")
+            times[(who, mode)] = median_ms(run, device, [leaf], warmup=3, rep=10)
+            label = "sdpa" if who == "sdpa" else plan_label(fwd, bwd)
+            rows.append(_row(case, f"e2e {mode}", label, times[(who, mode)], math.nan, math.nan, "ok"))
+    return times
 
 
 def _row(case: Case, stage, candidate, ms, error, bound, status) -> dict:
@@ -332,29 +328,16 @@ def _row(case: Case, stage, candidate, ms, error, bound, status) -> dict:
     )
 
 
-def decide(key: plans.ShapeKey, measured: list[dict]) -> dict | None:
-    """The table entry of ``key`` from the results of its shapes: sums over shapes decide."""
-
-    def best(direction):
-        common = set.intersection(*(set(r[direction]) for r in measured))
-        return min(common, key=lambda c: sum(r[direction][c] for r in measured), default=None)
-
-    fwd, bwd = best("fwd"), best("bwd")
-    if fwd is None or bwd is None:
-        return None
+def table_entry(key: plans.ShapeKey, fwd: Candidate, bwd: Candidate, contests: list[dict]) -> dict:
+    """The table entry of ``key``: its plan, and per mode the backend whose end-to-end times with that
+    plan, summed over the key's shapes, were lower."""
     auto, ms = {}, {}
     for mode in ("fwd", "fwd+bwd"):
-        ours = sum(r["e2e"].get(("ours", mode), math.inf) for r in measured)
-        sdpa = sum(r["e2e"][("sdpa", mode)] for r in measured)
+        ours = sum(c[("ours", mode)] for c in contests)
+        sdpa = sum(c[("sdpa", mode)] for c in contests)
         auto[mode] = "triton" if ours <= sdpa else "sdpa"
         ms[f"ours {mode}"], ms[f"sdpa {mode}"] = round(ours, 4), round(sdpa, 4)
-    return {
-        **dataclasses.asdict(key),
-        "fwd": fwd.to_json(),
-        "bwd": bwd.to_json(),
-        "auto": auto,
-        "measured_ms": ms,
-    }
+    return {**dataclasses.asdict(key), "fwd": fwd.to_json(), "bwd": bwd.to_json(), "auto": auto, "measured_ms": ms}
 
 
 def write_table(path: str, entries: dict, stamp: dict) -> None:
@@ -470,12 +453,15 @@ def main(argv=None) -> str:
             measured.append(measure_case(case, args.device, args.tiny, failed, rows))
             done += 1
             print(f"[{done}/{len(cases)}] {case.label()} ({time.time() - case_start:.1f} s)", flush=True)
-        entry = decide(key, measured)
-        if entry is not None:
-            decisions[key] = entry
-            write_table(table_path, {key: entry}, stamp)
+        chosen = choose_plan(measured)
+        if chosen is None:
+            print(f"  {key}: no candidate exact on every shape in some direction; the defaults stay")
+        else:
+            contests = [end_to_end(case, args.device, *chosen, rows) for case in key_cases]
+            decisions[key] = table_entry(key, *chosen, contests)
+            write_table(table_path, {key: decisions[key]}, stamp)
         write_outputs(output_dir, rows, decisions, stamp, table_path)
-    plans.load_table.cache_clear()
+    plans.clear_table_cache()
     print(f"table: {table_path}; {len(decisions)} keys decided in {time.time() - start:.0f} s")
     print(open(os.path.join(output_dir, "tune.md")).read() if decisions else "no decision")
     return output_dir

@@ -3,8 +3,11 @@
 Inputs are checked here, before any kernel runs, and the backend is chosen. ``auto``: exact SDPA
 off CUDA, below sm80, for float64 and with dropout; on CUDA sm80+ the fastest exact path this GPU's
 tuned table measured for the call's head dim, sequence bucket, dtype, mask kind and mode (forward
-only, or forward + backward when a gradient is needed), which may be SDPA; without a table entry
-the fused Triton kernel. ``reference`` is the explicit (slow) form.
+only, or forward + backward when a gradient is needed), which may be SDPA. Without a table entry:
+the fused Triton kernel for the ADCLR masks at padded head dim <= 64 in fp16/bf16 (what its built-in
+tiles were sized for), SDPA for everything else: the ``full`` mask (every call without query tokens,
+where SDPA is one FlashAttention call computing the same function), head dims above 64 and fp32.
+``triton`` forces the fused kernel wherever it can run; ``reference`` is the explicit (slow) form.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def interpreter_enabled() -> bool:
 
 
 def triton_is_default(device: torch.device) -> bool:
-    """Whether ``backend="auto"`` picks the Triton kernel for tensors on ``device`` (CUDA sm80+)."""
+    """Whether ``backend="auto"`` may pick the Triton kernel for tensors on ``device`` (CUDA sm80+ with
+    Triton); which calls it does pick it for is ``plans.auto_backend``'s decision."""
     if device.type != "cuda" or interpreter_enabled():
         return False
     return _fused_kernel_supported(device.index if device.index is not None else torch.cuda.current_device())
@@ -58,10 +62,10 @@ def device_name(device: torch.device) -> str:
     return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _tuned_choice(t: torch.Tensor, head_dim: int, layout: AttentionLayout, needs_grad: bool) -> str | None:
-    """``triton`` / ``sdpa`` where this GPU's tuned table measured the call's key, else None."""
+def _auto_choice(t: torch.Tensor, head_dim: int, layout: AttentionLayout, needs_grad: bool) -> str:
+    """``triton`` / ``sdpa``: this GPU's tuned table for the call's key, else the untuned default."""
     mode = "fwd+bwd" if needs_grad else "fwd"
-    return plans.tuned_backend(device_name(t.device), layout.length, head_dim, t.dtype, layout.kernel_params, mode)
+    return plans.auto_backend(device_name(t.device), layout.length, head_dim, t.dtype, layout.kernel_params, mode)
 
 
 def _check_backend(backend) -> None:
@@ -94,6 +98,14 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must have dtype in {SUPPORTED_DTYPES}, got {t.dtype}")
 
 
+def _check_sizes(name: str, t: torch.Tensor, seq_dim: int) -> None:
+    """A head dim and a sequence length of at least 1 (an empty one has no softmax, and ``D**-0.5`` no value)."""
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} must have head dim D >= 1, got shape {tuple(t.shape)}")
+    if t.shape[seq_dim] < 1:
+        raise ValueError(f"{name} must have sequence length L >= 1, got shape {tuple(t.shape)}")
+
+
 def _check_dropout(dropout_p) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
@@ -111,7 +123,7 @@ def _resolve_backend(
             and head_dim <= MAX_TRITON_HEAD_DIM
             and not (t.dtype == torch.float32 and head_dim > MAX_TRITON_HEAD_DIM_FP32)
         )
-        return (_tuned_choice(t, head_dim, layout, needs_grad) or "triton") if fused else "sdpa"
+        return _auto_choice(t, head_dim, layout, needs_grad) if fused else "sdpa"
     if backend == "triton":
         if dropout_p > 0:
             raise ValueError(f"backend='triton' does not implement attention dropout, got dropout_p={dropout_p}")
@@ -177,6 +189,7 @@ def adclr_attention(
         raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    _check_sizes("q, k, v", q, seq_dim=2)
     needs_grad = _needs_grad(q, k, v)
     backend, scale = _resolve_call(backend, dropout_p, scale, q, layout, q.shape[2], "q", needs_grad)
     if backend == "triton":
@@ -203,6 +216,7 @@ def adclr_attention_packed(
     _check_tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
+    _check_sizes("qkv", qkv, seq_dim=1)
     backend, scale = _resolve_call(backend, dropout_p, scale, qkv, layout, qkv.shape[1], "qkv", _needs_grad(qkv))
     if backend == "triton":
         from .triton_attention import triton_attention_packed

@@ -7,7 +7,11 @@ variant (``v2``; ``v1`` is the first kernel, kept for comparison) and the backwa
 one program per head, L <= 128; ``fused``: one launch for any L; ``v1``: three launches), each with
 its tiles. Resolution order: ``forced_plan`` (the tuner and tests) > the tuned table of this GPU >
 the built-in defaults below. A missing, unreadable or invalid table entry falls back to the defaults
-with one warning; the table is read once per process.
+with one warning; the table is read once per process (``clear_table_cache`` forgets it).
+
+``auto_backend`` is ``backend="auto"``'s choice on an sm80+ GPU: the table's measured backend for the
+key, else ``default_backend``: our kernel only where the built-in tiles were sized (ADCLR masks,
+padded head dim <= 64, fp16/bf16), exact SDPA everywhere else.
 """
 
 from __future__ import annotations
@@ -114,6 +118,13 @@ def block_d(head_dim: int) -> int:
 
 def shape_key(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params) -> ShapeKey:
     return ShapeKey(block_d(head_dim), seq_bucket(seq_len), DTYPE_NAMES[dtype], mask_kind(seq_len, *kernel_params))
+
+
+def tiles_sized_for(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the built-in tiles and the tuning candidates were sized for this head dim and dtype:
+    padded D <= 64 in fp16/bf16 (spill-free on sm90 and sm80, bench/compile_check.py). Larger head dims
+    and fp32 have one conservative tile each, never tuned against alternatives."""
+    return block_d(head_dim) <= 64 and dtype in (torch.float16, torch.bfloat16)
 
 
 def short_eligible(seq_len: int, head_dim: int) -> bool:
@@ -229,6 +240,16 @@ def default_plan(seq_len: int, head_dim: int, dtype: torch.dtype, interpreting: 
 # --------------------------------------------------------------------------------------------------
 
 
+def default_backend(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params) -> str:
+    """``auto``'s backend for a key the tuned table has not measured. Ours for the ADCLR masks at
+    padded head dim <= 64 in fp16/bf16 (what the built-in tiles were sized for); SDPA for the ``full``
+    mask (no query tokens: SDPA is then one FlashAttention call computing the same function), for
+    larger head dims and for fp32, where nothing has shown ours to be faster."""
+    if mask_kind(seq_len, *kernel_params) == "full" or not tiles_sized_for(head_dim, dtype):
+        return "sdpa"
+    return "triton"
+
+
 def device_slug(device_name: str) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``: the table's file name."""
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
@@ -239,8 +260,9 @@ def tiles_dir() -> str:
     return os.environ.get("ADCLR_TILES_DIR") or TILES_DIR
 
 
-def table_path(device_name: str) -> str:
-    return os.path.join(tiles_dir(), device_slug(device_name) + ".json")
+def table_path(device_name: str, directory: str | None = None) -> str:
+    """The table of ``device_name`` under ``directory`` (default ``tiles_dir()``)."""
+    return os.path.join(directory or tiles_dir(), device_slug(device_name) + ".json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,8 +341,21 @@ def load_table(path: str) -> dict[ShapeKey, TunedEntry]:
     return entries
 
 
+@functools.cache
+def _device_table(device_name: str, directory: str) -> dict[ShapeKey, TunedEntry]:
+    """The table of ``device_name`` under ``directory``: the file name is worked out once per pair,
+    not on each of the three lookups (dispatch, forward, backward) of every attention call."""
+    return load_table(table_path(device_name, directory))
+
+
+def clear_table_cache() -> None:
+    """Forget every table read so far, so the next call reads the files again (tests, the tuner)."""
+    _device_table.cache_clear()
+    load_table.cache_clear()
+
+
 def tuned_entry(device_name: str, key: ShapeKey) -> TunedEntry | None:
-    return load_table(table_path(device_name)).get(key)
+    return _device_table(device_name, tiles_dir()).get(key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,9 +387,15 @@ def check_plan(plan: Plan) -> None:
 
 
 def autotune_enabled() -> bool:
-    """``ADCLR_AUTOTUNE=1``: Triton's autotuner picks the tiles (v1, v2 forward, fused backward) per
-    (head dim, rule, dtype and, for v2, sequence bucket) instead of the tables."""
+    """Whether ``ADCLR_AUTOTUNE=1`` is set (see ``autotunes``)."""
     return os.environ.get("ADCLR_AUTOTUNE", "0") == "1"
+
+
+def autotunes(head_dim: int, dtype: torch.dtype) -> bool:
+    """``ADCLR_AUTOTUNE=1`` lets Triton's autotuner pick the tiles (v1, v2 forward, fused backward) per
+    (head dim, rule, dtype and, for v2, sequence bucket) instead of the tables, but only where its
+    candidates are free of spills: padded head dim <= 64 in fp16/bf16. Other calls keep the table tiles."""
+    return autotune_enabled() and tiles_sized_for(head_dim, dtype)
 
 
 def resolve_plan(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params, device_name: str | None) -> Plan:
@@ -370,12 +411,10 @@ def resolve_plan(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params,
     default = default_plan(seq_len, head_dim, dtype, interpreting=device_name is None)
     if device_name is None:
         return default
+    # A valid entry's short backward fits every call of its key (parse_entry checks the bucket's largest L).
     entry = tuned_entry(device_name, shape_key(seq_len, head_dim, dtype, kernel_params))
-    if entry is not None and (entry.bwd != "short" or short_eligible(seq_len, head_dim)):
-        plan = Plan(entry.fwd, entry.fwd_tiles, entry.bwd, entry.bwd_tiles)
-    else:
-        plan = default
-    if autotune_enabled():  # the autotuner picks the tiles of the v2 forward and the fused backward
+    plan = default if entry is None else Plan(entry.fwd, entry.fwd_tiles, entry.bwd, entry.bwd_tiles)
+    if autotunes(head_dim, dtype):  # the autotuner picks the tiles of the v2 forward and the fused backward
         plan = dataclasses.replace(
             plan,
             fwd_tiles=None if plan.fwd == "v2" else plan.fwd_tiles,
@@ -388,3 +427,10 @@ def tuned_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dt
     """``"triton"`` or ``"sdpa"`` where this GPU's table measured the key, else None."""
     entry = tuned_entry(device_name, shape_key(seq_len, head_dim, dtype, kernel_params))
     return None if entry is None else entry.auto[mode]
+
+
+def auto_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params, mode: str) -> str:
+    """``backend="auto"`` on an sm80+ GPU: the tuned table's backend for the key and ``mode`` (``fwd``
+    or ``fwd+bwd``), else ``default_backend``."""
+    tuned = tuned_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode)
+    return tuned or default_backend(seq_len, head_dim, dtype, kernel_params)

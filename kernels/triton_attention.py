@@ -11,6 +11,8 @@ Key loops cover only ``[0, S)`` and mask only boundary blocks; the ``+self`` dia
 logit per query row; no query-token K/V tile is ever loaded. Softmax runs online in fp32 with exp2;
 the forward saves the base-2 log-sum-exp, which every backward variant reads. Which variant and tiles
 run is decided per call by ``plans.resolve_plan`` (tuned table of this GPU, else built-in defaults).
+``ADCLR_AUTOTUNE=1`` has Triton's autotuner pick the tiles instead, for padded head dims <= 64 in
+fp16/bf16 only (where its candidates are spill-free); other calls keep the table tiles.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def _fused_configs(tiles):
 
 
 # ADCLR_AUTOTUNE=1: the autotuner picks tiles once per (head dim, rule, dtype and, for v2, sequence bucket)
-# instead of the tables; it tries the first few of the tuner's candidates (spill-free on sm90/sm80 at D <= 64).
+# instead of the tables; it tries the first few of the tuner's candidates. Those are spill-free on sm90/sm80
+# only at padded head dim <= 64 in fp16/bf16, so only such calls autotune (``plans.autotunes``); every
+# other call keeps the table tiles.
 _V1_KEY = ["BLOCK_D", "QUERY_SELF"]  # v1 predates the bucket (the autotuner adds the dtypes itself)
 _V2_KEY = ["BLOCK_D", "QUERY_SELF", "seq_bucket"]
 _AUTOTUNE_COUNT = 3
@@ -136,7 +140,7 @@ def forward_launches(q, k, v, o, lse, params, scale: float, plan: plans.Plan, ca
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     layout_args = (heads, seq_len, shared_keys, query_key_start)
     if plan.fwd == "v1":
-        autotuned = plans.autotune_enabled() and capability is not None
+        autotuned = plans.autotunes(q.shape[-1], q.dtype) and capability is not None
         kernel = _AUTOTUNED["v1_fwd"] if autotuned else triton_v1._fwd_kernel
         tiles = None if autotuned else _v1_tiles("fwd", q, capability)
         args = (q, k, v, o, lse, *strides, *layout_args, scale * LOG2E)
@@ -197,7 +201,7 @@ def _v1_backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, capabi
         )
     ]
     layout_args = (heads, seq_len, shared_keys, query_key_start, scale * LOG2E, scale)
-    autotuned = plans.autotune_enabled() and capability is not None
+    autotuned = plans.autotunes(head_dim, q.dtype) and capability is not None
     for kind, out_strides, grid_block in (
         ("dkdv", (*_strides(dk), *_strides(dv)), "BLOCK_N"),
         ("dq", _strides(dq), "BLOCK_M"),

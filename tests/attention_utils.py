@@ -1,10 +1,15 @@
-"""Shared helpers for the attention tests: float64 ground truth, error measures, input makers."""
+"""Shared helpers for the attention tests: float64 ground truth, error measures, input makers, the
+tuned-table check."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
-from adclr.kernels import LAYOUT_NAMES, AttentionLayout, reference_attention
+from adclr.kernels import LAYOUT_NAMES, AttentionLayout, plans, reference_attention
+from bench.common import ERROR_FLOOR  # the tuner's accuracy gate uses the same floor
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the kernels in the interpreter
 RULES = list(LAYOUT_NAMES)  # every query-key rule, plus the bidirectional ablation
@@ -13,11 +18,6 @@ RULES = list(LAYOUT_NAMES)  # every query-key rule, plus the bidirectional ablat
 def layout_for(rule: str, R: int, Q: int, P: int) -> AttentionLayout:
     """The layout of ``rule`` (one of ``RULES``) with R raw tokens (P of them prefix) and Q queries."""
     return AttentionLayout.named(rule, R, Q, P)
-
-
-# Additive floor on top of the "at most 2x PyTorch's own error" rule: one unit in the last place
-# at magnitude 1, so exact-zero PyTorch errors (e.g. L = 1) do not demand bit-exactness.
-ERROR_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def make_qkv(batch, heads, seq_len, head_dim, dtype, device, strided=False):
@@ -48,3 +48,26 @@ def assert_close_to_truth(name, actual, truth, pytorch_same_dtype, dtype):
     theirs = max_error(pytorch_same_dtype, truth)
     bound = 2 * theirs + ERROR_FLOOR[dtype]
     assert ours <= bound, f"{name}: error {ours:.3e} > 2 x PyTorch's {theirs:.3e} + {ERROR_FLOOR[dtype]:.0e}"
+
+
+def check_table_file(path: str) -> None:
+    """Assert that the tuned table at ``path`` is one the loader takes in full: the schema, the stamp
+    (device, torch, triton, date), a file named after its device, every entry valid and each key once."""
+    with open(path) as f:
+        data = json.load(f)
+    assert isinstance(data, dict) and data.get("schema") == plans.TABLE_SCHEMA, (
+        f"{path}: schema is not {plans.TABLE_SCHEMA}"
+    )
+    for field in ("device", "torch", "triton", "date"):
+        assert isinstance(data.get(field), str), f"{path}: no {field} stamp"
+    expected_name = plans.device_slug(data["device"]) + ".json"
+    assert os.path.basename(path) == expected_name, f"{path}: not named after its device ({expected_name})"
+    assert isinstance(data.get("entries"), list) and data["entries"], f"{path}: no entries"
+    keys = []
+    for i, obj in enumerate(data["entries"]):
+        try:
+            key, _ = plans.parse_entry(obj)
+        except (ValueError, TypeError) as error:
+            raise AssertionError(f"{path}: entry {i}: {error}") from error
+        keys.append(key)
+    assert len(set(keys)) == len(keys), f"{path}: a key appears twice"

@@ -26,10 +26,19 @@ def test_dry_run_lists_every_stage_within_seven_minutes(tmp_path):
     budgets = [int(line.split()[1]) for line in lines[1:-1]]
     assert sum(budgets) + 2 * len(budgets) <= 420 and lines[-1] == f"total: {sum(budgets)} s of 420 s"
     commands = dict(zip(stages, (line.split(" s  ", 1)[1] for line in lines[1:-1])))
+    budget = dict(zip(stages, budgets))
     assert "--modes fwd fwd+bwd" in commands["benchmark"] and f"--output_dir '{out}'" in commands["benchmark"]
+    # A flex case (a compile) started just before --budget_s must still end inside the stage.
+    assert budget["benchmark"] - float(commands["benchmark"].split("--budget_s ")[1].split()[0]) >= 30
     assert "--precompile_only" in commands["precompile"] and "--budget_s" in commands["tune"]
     assert "-k 'gpu or fp32_attention or head_dims'" in commands["gpu_tests"]
-    assert commands["train_step"].endswith(f"-m bench.train_step --steps 10 --output_dir '{out}'")
+    # Offline: no index, no pip self-version check; the package's build backend is the installed one.
+    assert all(
+        flag in commands["install"] for flag in ("--no-index", "--disable-pip-version-check", "--no-build-isolation")
+    )
+    # Every variant but the slow reference one, dino first (the ratios are to it).
+    variants = "--variants dino triton_fused triton dino_fused sdpa"
+    assert commands["train_step"].endswith(f"-m bench.train_step --steps 10 {variants} --output_dir '{out}'")
     assert not out.exists()  # a dry run writes nothing
 
 

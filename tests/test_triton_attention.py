@@ -1,7 +1,7 @@
 """The fused Triton kernels against the float64 reference, every variant.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest); on a GPU they run natively and
-the ``gpu``-marked cases add bf16, the real ViT shapes with each backward variant, huge B*H,
+the ``gpu``-marked cases add bf16, the real ViT shapes with each backward variant, offsets past 2**31,
 determinism and the autotuner. The interpreter is slow, so the spec cases rotate storage, head dim,
 query count and variant across (rule, L, P) instead of taking the full product; ``spec_cases``
 checks that every variant still meets every rule, dtype, storage and P.
@@ -25,7 +25,7 @@ from attention_utils import (
 
 from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
-from bench.shapes import VIT_SHAPES
+from bench.common import VIT_SHAPES
 
 STORAGES = ("contiguous", "strided", "packed")
 T = plans.Tiles
@@ -89,10 +89,18 @@ def flash_formula_grads(q, k, v, do, layout, scale, dtype):
 
 
 def check_against_reference(q, k, v, layout, scale, storage, dtype):
-    """The tests' rule: error against float64 at most twice PyTorch's own in ``dtype`` (for the
-    gradients, the larger of autograd's and the flash formula's) plus one ulp at magnitude 1."""
+    """Run the kernels into poisoned buffers and check them (``check_results``); returns the gradients."""
     do = torch.randn_like(q)
     out, lse, grads = run_poisoned(q, k, v, do, layout, scale, storage)
+    check_results(q, k, v, do, out, lse, grads, layout, scale, dtype)
+    return grads
+
+
+def check_results(q, k, v, do, out, lse, grads, layout, scale, dtype):
+    """The tests' rule: error against float64 at most twice PyTorch's own in ``dtype`` (for the
+    gradients, the larger of autograd's and the flash formula's) plus one ulp at magnitude 1; the
+    base-2 log-sum-exp within 1e-4 relative; query tokens' k/v gradients exactly zero where no row
+    sees them."""
     truth, truth_grads = reference_with_grads(q, k, v, do, layout, scale, torch.float64)
     same_dtype, same_dtype_grads = reference_with_grads(q, k, v, do, layout, scale, dtype)
     flash_grads = flash_formula_grads(q, k, v, do, layout, scale, dtype)
@@ -105,7 +113,6 @@ def check_against_reference(q, k, v, layout, scale, storage, dtype):
     if not layout.query_self and not layout.bidirectional:
         R = layout.num_raw
         assert torch.count_nonzero(grads[1][:, :, R:]) == 0 and torch.count_nonzero(grads[2][:, :, R:]) == 0
-    return grads
 
 
 def _valid(rule: str, R: int, Q: int, P: int) -> bool:
@@ -117,8 +124,9 @@ def _features(variant, rule, L, Q, P, storage) -> list[tuple]:
 
 
 def spec_cases():
-    """Every rule x L x P of the issue (L in 1, 17, 47, 64, 130; P in 0, 1, 5). Storage and head dim
-    rotate; the variant and the query count Q (0, 1, 10) are chosen greedily so that every variant
+    """Every rule x L x P with L in 1, 17, 47, 64, 130 (one token, below one block, the 96 px crop's
+    47, a block boundary, past two blocks) and P in 0, 1, 5 (no prefix, CLS, CLS plus registers).
+    Storage and head dim rotate; the variant and the query count Q (0, 1, 10) are chosen greedily so that every variant
     meets every rule, P, storage and (L, Q) pair as evenly as the cases allow."""
     cases, seen = [], collections.Counter()
     for i, (rule, L, P) in enumerate(itertools.product(RULES, (1, 17, 47, 64, 130), (0, 1, 5))):
@@ -155,6 +163,20 @@ def test_kernel_matches_float64_reference(variant, rule, R, Q, P, head_dim, stor
     q, k, v = inputs(2, 2, layout, head_dim, dtype, storage)
     with plans.forced_plan(plan(variant, layout.length, head_dim, dtype)):
         check_against_reference(q, k, v, layout, head_dim**-0.5, storage, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("variant", list(PLANS))
+@pytest.mark.parametrize("rule", ["raw", "raw+self", "prefix+raw"])
+def test_hidden_prefix_spanning_whole_blocks(variant, rule, dtype):
+    """P = 40 is longer than the 16- and 32-key blocks: for ``raw`` and ``raw+self`` query rows start
+    past whole key blocks (a row block of query rows only, [64, 96) as R = 64 is a block boundary,
+    begins its key loop past 0) and key blocks inside the prefix are seen by raw rows only. The spec
+    cases have P <= 5, below every block. ``prefix+raw`` hides nothing: the contrast."""
+    layout = layout_for(rule, 64, 10, 40)
+    q, k, v = inputs(1, 2, layout, 16, dtype, "strided")
+    with plans.forced_plan(plan(variant, layout.length, 16, dtype)):
+        check_against_reference(q, k, v, layout, 16**-0.5, "strided", dtype)
 
 
 @pytest.mark.parametrize(
@@ -289,10 +311,24 @@ def test_gpu_long_and_short_sequences(L):
 
 
 @pytest.mark.gpu
-def test_gpu_huge_batch_times_heads_does_not_overflow_the_grid():
-    layout = AttentionLayout(37, 10)
-    q, k, v = inputs(1024, 16, layout, 32, torch.float16, "packed", device="cuda")
-    check_against_reference(q, k, v, layout, 32**-0.5, "packed", torch.float16)
+def test_gpu_offsets_past_2_31_elements():
+    """A packed qkv of more than 2**31 elements (4.3 GB in bf16; about 12 GB with o, dO and the
+    gradient): the last batch entries start past element 2**31, so a batch or head offset computed in
+    int32 would wrap. One forward and one backward of the whole batch into poisoned buffers; the last
+    two entries are checked against the reference on qkv[-2:]."""
+    layout = AttentionLayout(197, 10, 1, "raw+self")
+    batch, heads, head_dim = 9100, 6, 64
+    qkv = torch.randn(batch, layout.length, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    assert (batch - 2) * qkv.stride(0) >= 2**31  # both checked entries lie past int32's reach
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    do = torch.randn(batch, layout.length, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    out, lse, grads = run_poisoned(q, k, v, do, layout, head_dim**-0.5, "packed")
+    tail = slice(batch - 2, batch)
+    lse_tail = lse.view(batch, heads, layout.length)[tail]
+    check_results(
+        q[tail], k[tail], v[tail], do[tail], out[tail], lse_tail, [g[tail] for g in grads], layout,
+        head_dim**-0.5, torch.bfloat16,
+    )  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -7,9 +7,10 @@ import warnings
 
 import pytest
 import torch
+from attention_utils import check_table_file
 
 from adclr.kernels import AttentionLayout, plans
-from bench import tune
+from bench import report, tune
 
 T = plans.Tiles
 
@@ -21,10 +22,11 @@ def test_tune_smoke_run_writes_a_table_the_launcher_reads(tmp_path, monkeypatch)
     tune.main([*args, "--table_dir", str(table_dir), "--output_dir", str(out)])
     device = "CPU (Triton interpreter)"
     path = table_dir / (plans.device_slug(device) + ".json")
+    check_table_file(str(path))  # named after the device, stamped, every entry valid
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no invalid entry
         table = plans.load_table(str(path))
-    plans.load_table.cache_clear()
+    plans.clear_table_cache()
     assert set(table) == {plans.ShapeKey(16, "64", "fp32", "raw+self"), plans.ShapeKey(16, "128", "fp32", "raw+self")}
     rows = list(csv.DictReader(open(out / "tune.csv")))
     for name, (batch, heads, R, Q, D) in tune.TINY_SHAPES.items():
@@ -41,7 +43,7 @@ def test_tune_smoke_run_writes_a_table_the_launcher_reads(tmp_path, monkeypatch)
     params = AttentionLayout(37, 10, 1, "raw+self").kernel_params
     entry = table[plans.ShapeKey(16, "64", "fp32", "raw+self")]
     resolved = plans.resolve_plan(47, 16, torch.float32, params, device)
-    plans.load_table.cache_clear()
+    plans.clear_table_cache()
     assert resolved == plans.Plan(entry.fwd, entry.fwd_tiles, entry.bwd, entry.bwd_tiles)
 
 
@@ -67,30 +69,24 @@ def test_candidates_at_vit_lengths():
         assert tune.Candidate("bwd", default.bwd, default.bwd_tiles).label() in labels
 
 
-def _result(fwd: dict, bwd: dict, ours: tuple, sdpa: tuple) -> dict:
-    e2e = {
-        ("ours", "fwd"): ours[0],
-        ("ours", "fwd+bwd"): ours[1],
-        ("sdpa", "fwd"): sdpa[0],
-        ("sdpa", "fwd+bwd"): sdpa[1],
-    }
-    return {"fwd": fwd, "bwd": bwd, "e2e": e2e}
-
-
-def test_decide_sums_over_shapes_and_skips_candidates_not_exact_everywhere():
+def test_the_key_plan_sums_over_shapes_and_skips_candidates_not_exact_everywhere():
     a, b = tune.Candidate("fwd", "v2", T(64, 64, 4, 2)), tune.Candidate("fwd", "v2", T(128, 64, 8, 3))
     f, s = tune.Candidate("bwd", "fused", T(64, 32, 4, 2)), tune.Candidate("bwd", "v1", None)
-    key = plans.ShapeKey(64, "256", "bf16", "prefix+raw")
     # b is fastest on the first shape but was inexact on the second; a wins on the sum.
-    measured = [
-        _result({a: 1.0, b: 0.5}, {f: 2.0, s: 1.9}, (3.0, 5.0), (2.0, 6.0)),
-        _result({a: 1.0}, {f: 2.0, s: 2.5}, (3.0, 5.0), (2.0, 6.0)),
+    measured = [{"fwd": {a: 1.0, b: 0.5}, "bwd": {f: 2.0, s: 1.9}}, {"fwd": {a: 1.0}, "bwd": {f: 2.0, s: 2.5}}]
+    assert tune.choose_plan(measured) == (a, f)  # f: 4.0 in all, s: 4.4
+    assert tune.choose_plan([{"fwd": {}, "bwd": {f: 1.0}}]) is None  # no exact forward: no entry
+
+    key = plans.ShapeKey(64, "256", "bf16", "prefix+raw")
+    contests = [
+        {("ours", "fwd"): 3.0, ("sdpa", "fwd"): 2.0, ("ours", "fwd+bwd"): 5.0, ("sdpa", "fwd+bwd"): 6.0},
+        {("ours", "fwd"): 3.0, ("sdpa", "fwd"): 2.0, ("ours", "fwd+bwd"): 5.0, ("sdpa", "fwd+bwd"): 6.0},
     ]
-    entry = tune.decide(key, measured)
-    assert entry["fwd"] == a.to_json() and entry["bwd"] == f.to_json()  # f: 4.0 in all, s: 4.4
+    entry = tune.table_entry(key, a, f, contests)
+    assert entry["fwd"] == a.to_json() and entry["bwd"] == f.to_json()
     assert entry["auto"] == {"fwd": "sdpa", "fwd+bwd": "triton"}  # ours 6 vs 4 forward; 10 vs 12 both ways
+    assert entry["measured_ms"] == {"ours fwd": 6.0, "sdpa fwd": 4.0, "ours fwd+bwd": 10.0, "sdpa fwd+bwd": 12.0}
     plans.parse_entry(entry)  # a valid table entry
-    assert tune.decide(key, [_result({}, {f: 1.0}, (1, 1), (1, 1))]) is None  # no exact forward: no entry
 
 
 def test_write_table_merges_by_key_and_drops_invalid_entries(tmp_path):
@@ -122,22 +118,106 @@ def test_compile_identity_groups_rules_by_what_they_compile():
     assert len(identities) == 2  # QUERY_SELF False (prefix+raw, raw, bidirectional) and True
 
 
-def test_an_inexact_candidate_is_reported_and_never_chosen(monkeypatch):
-    """A forward candidate whose output is wrong fails the accuracy gate: not timed, not chosen."""
-    bad = T(16, 32, 1, 1)
-    real = tune.ops.forward_launches
+TINY47 = tune.Case("tiny47", *tune.TINY_SHAPES["tiny47"], "raw+self", "fp32")
+BAD = T(16, 32, 1, 1)  # the second tiny tile: it runs after a good candidate has filled the outputs
 
-    def corrupting(q, k, v, o, lse, params, scale, plan, capability):
-        launches = real(q, k, v, o, lse, params, scale, plan, capability)
-        return launches + [o.zero_] if plan.fwd_tiles == bad else launches
 
-    monkeypatch.setattr(tune.ops, "forward_launches", corrupting)
-    case = tune.Case("tiny47", *tune.TINY_SHAPES["tiny47"], "raw+self", "fp32")
+def _gate(monkeypatch, direction: str, spoil) -> dict:
+    """Measure TINY47 with ``spoil(launches, outputs)`` replacing the launches of the BAD candidate in
+    ``direction``; returns ``{(stage, candidate label): status}``."""
+    name = "forward_launches" if direction == "fwd" else "backward_launches"
+    real = getattr(tune.ops, name)
+
+    def spoiled(*args):
+        launches = real(*args)
+        plan = args[-2]
+        tiles = plan.fwd_tiles if direction == "fwd" else plan.bwd_tiles
+        bad_variant = plan.fwd == "v2" if direction == "fwd" else plan.bwd == "fused"
+        return spoil(launches, args) if tiles == BAD and bad_variant else launches
+
+    monkeypatch.setattr(tune.ops, name, spoiled)
     rows = []
-    result = tune.measure_case(case, "cpu", True, {}, rows)
+    result = tune.measure_case(TINY47, "cpu", True, {}, rows)
     status = {(r["stage"], r["candidate"]): r["status"] for r in rows}
-    assert status[("fwd", tune.Candidate("fwd", "v2", bad).label())] == "inexact"
-    assert all(s == "ok" for (stage, c), s in status.items() if c != tune.Candidate("fwd", "v2", bad).label())
-    entry = tune.decide(case.key, [result])
-    assert entry["fwd"] != tune.Candidate("fwd", "v2", bad).to_json()
-    assert tune.Candidate("fwd", "v2", bad) not in result["fwd"]
+    label = (tune.Candidate(direction, "v2" if direction == "fwd" else "fused", BAD)).label()
+    others = {k: v for k, v in status.items() if k != (direction, label)}
+    assert set(others.values()) == {"ok"}, others  # the spoiling touches the BAD candidate only
+    chosen = tune.choose_plan([result])
+    assert chosen is not None and BAD not in (chosen[0].tiles, chosen[1].tiles)
+    assert tune.Candidate(direction, label.split()[0], BAD) not in result[direction]
+    return status[(direction, label)]
+
+
+def test_a_candidate_with_a_wrong_output_is_rejected(monkeypatch):
+    assert _gate(monkeypatch, "fwd", lambda launches, args: launches + [args[3].zero_]) == "inexact"
+
+
+def test_a_forward_that_writes_nothing_is_rejected(monkeypatch):
+    """Outputs are NaN-filled before each check: the previous candidate's results cannot pass for it."""
+    assert _gate(monkeypatch, "fwd", lambda launches, args: []).startswith("inexact")
+
+
+def test_a_forward_with_a_wrong_log_sum_exp_is_rejected(monkeypatch):
+    """The output is right but the log-sum-exp the backward reads is off by 0.01 (base 2)."""
+    status = _gate(monkeypatch, "fwd", lambda launches, args: launches + [lambda: args[4].add_(0.01)])
+    assert status == "inexact lse"
+
+
+def test_a_forward_leaving_a_row_of_the_log_sum_exp_unwritten_is_rejected(monkeypatch):
+    """The output is right, but the last row's log-sum-exp keeps whatever the buffer held before."""
+
+    def skip_last_lse_row(launches, args):
+        lse, before = args[4], []
+        save = lambda: before.append(lse[:, -1].clone())  # noqa: E731
+        restore = lambda: lse[:, -1].copy_(before.pop())  # noqa: E731
+        return [save, *launches, restore]
+
+    assert _gate(monkeypatch, "fwd", skip_last_lse_row) == "inexact lse"
+
+
+def test_a_backward_that_writes_nothing_is_rejected(monkeypatch):
+    assert _gate(monkeypatch, "bwd", lambda launches, args: []) == "inexact"
+
+
+def test_the_table_stores_the_plan_raced_against_sdpa(tmp_path, monkeypatch, capsys):
+    """Two shapes share a key; per shape a different candidate is fastest (fake timings), but the key's
+    plan is the one with the least summed time. That stored plan, not each shape's favourite, is what
+    runs end to end against SDPA on both shapes, decides ``auto``, and what the summary prints."""
+    shapes = {"a": (1, 2, 37, 10, 16), "b": (1, 2, 30, 10, 16)}  # L = 47 and 40: one key (bucket 64)
+    monkeypatch.setattr(tune, "TINY_SHAPES", shapes)
+    v2_32, v2_16 = plans.INTERPRETER_TILES, BAD
+    fake = {  # per shape: v1 fastest on a, the 16-row tiles on b; the 32-row tiles win on the sum
+        "a": {"v1": 1, f"v2 {v2_32}": 2, f"v2 {v2_16}": 10, f"fused {v2_32}": 3, f"fused {v2_16}": 10},
+        "b": {"v1": 10, f"v2 {v2_32}": 2, f"v2 {v2_16}": 1, f"fused {v2_32}": 3, f"fused {v2_16}": 1},
+    }
+    real_kernel = tune.Measurement.kernel
+
+    def fake_kernel(self, candidate):
+        ms, status, error, bound = real_kernel(self, candidate)
+        return fake[self.case.shape].get(candidate.label(), 20.0), status, error, bound
+
+    monkeypatch.setattr(tune.Measurement, "kernel", fake_kernel)
+    table_dir, out = tmp_path / "tiles", tmp_path / "out"
+    args = ["--device", "cpu", "--tiny", "--rules", "raw", "--skip_precompile"]
+    tune.main([*args, "--table_dir", str(table_dir), "--output_dir", str(out)])
+    (path,) = table_dir.glob("*.json")
+    check_table_file(str(path))
+    (entry,) = json.loads(path.read_text())["entries"]
+    stored = tune.plan_label(tune.Candidate("fwd", "v2", v2_32), tune.Candidate("bwd", "fused", v2_32))
+    assert entry["fwd"] == {"variant": "v2", "tiles": v2_32.to_json()} and entry["bwd"]["tiles"] == v2_32.to_json()
+    rows = list(csv.DictReader(open(out / "tune.csv")))
+    e2e = [r for r in rows if r["stage"].startswith("e2e") and r["candidate"] != "sdpa"]
+    assert sorted((r["shape"], r["stage"]) for r in e2e) == [
+        ("a", "e2e fwd"),
+        ("a", "e2e fwd+bwd"),
+        ("b", "e2e fwd"),
+        ("b", "e2e fwd+bwd"),
+    ]
+    assert {r["candidate"] for r in e2e} == {stored}
+    for mode in ("fwd", "fwd+bwd"):  # auto is decided from exactly these end-to-end times
+        ours = sum(float(r["ms"]) for r in e2e if r["stage"] == f"e2e {mode}")
+        sdpa = sum(float(r["ms"]) for r in rows if r["stage"] == f"e2e {mode}" and r["candidate"] == "sdpa")
+        assert entry["measured_ms"][f"ours {mode}"] == round(ours, 4)
+        assert entry["auto"][mode] == ("triton" if ours <= sdpa else "sdpa")
+    (summary_line,) = [line for line in report.tune_summary(rows) if line.startswith(" 16")]
+    assert summary_line.endswith(stored.removeprefix("ours: "))
