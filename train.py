@@ -1,6 +1,6 @@
 """ADCLR pretraining (Zhang et al., ICLR 2023): DINO plus query crops under unidirectional attention.
 
-    python train.py                                   # small ViT on the built-in shapes data (CPU ok)
+    python train.py                                   # small ViT on the built-in scenes (CPU ok)
     torchrun --nproc_per_node 8 train.py --data_path /imagenet/train --output_dir runs/vits16
 
 ``--preset`` sets the size-related flags (table below): ``builtin`` trains in minutes on a laptop CPU,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -120,15 +121,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     flag(
         "data_path",
         "ImageFolder tree or flat folder of images",
-        default_text="default: the built-in shapes; switches the default preset to paper",
+        default_text="default: the built-in scenes; switches the default preset to paper",
     )
     flag("builtin_train_size", "images in the built-in training split")
     flag("builtin_test_size", "images in the built-in test split")
-    flag("eval_every", "k-NN evaluation every N epochs (0: only at the end)")
+    flag("eval_every", "evaluate (k-NN; built-in scenes: also the dense probe) every N epochs (0: at the end)")
     flag(
         "eval_data_path",
         "folder with train/ and val/ ImageFolder trees for the periodic and final k-NN",
-        default_text="default: the built-in shapes, with their dense segmentation probe",
+        default_text="default: the built-in scenes, with their dense segmentation probe",
+    )
+    flag(
+        "builtin_eval_split",
+        "the built-in scenes' val split: test, or holdout (train scenes never trained on) to choose settings",
+        choices=("test", "holdout"),
     )
     flag("output_dir")
     flag("saveckp_freq", "also keep checkpoint{epoch}.pth every N epochs")
@@ -167,7 +173,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     from adclr import engine
     from adclr.augment import MultiCropAugmentation, MultiCropConfig
     from adclr.checkpoint import LATEST, find_resumable, restore, save_checkpoint, set_aside
-    from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
+    from adclr.data import ImageFiles, SyntheticScenes, collate_multicrop
     from adclr.files import atomic_write
     from adclr.kernels import interpreter_enabled
     from adclr.training import init_distributed, seed_everything
@@ -204,7 +210,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     if data.data_path:
         dataset = ImageFiles(data.data_path, transform=augmentation)
     else:
-        dataset = SyntheticShapes(data.builtin_train_size, data.global_size, "train", cfg.run.seed, augmentation)
+        dataset = SyntheticScenes(data.builtin_train_size, data.global_size, "train", cfg.run.seed, augmentation)
+        dataset.precompute()  # before the loader forks its workers: they share the scenes
     sampler = DistributedSampler(
         dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg.run.seed, drop_last=True
     )
@@ -308,7 +315,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         seed_everything(cfg.run.seed + 1000 * epoch + dist_info.rank)  # augmentations, drop-path: resumable
         sampler.set_epoch(epoch)
         state.student.train()
-        sums = {"loss": 0.0, "cls": 0.0, "query": 0.0}
+        sums = dict.fromkeys(engine.StepLosses.__dataclass_fields__, 0.0)
         skipped = 0
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, dynamic_ncols=True)
         tic = time.perf_counter()
@@ -341,8 +348,16 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
             for name, value in values.items():
                 sums[name] += value
             images_per_s = total_batch * (it + 1) / (time.perf_counter() - tic)
-            postfix = {name: f"{value:.3f}" for name, value in values.items()}
-            postfix.update(lr=f"{settings.lr:.2e}", img_s=f"{images_per_s:.0f}")
+            postfix = {name: f"{values[name]:.3f}" for name in ("loss", "cls", "query")}
+            postfix.update(
+                lr=f"{settings.lr:.2e}",
+                img_s=f"{images_per_s:.0f}",
+                **{
+                    short: f"{evaluation[key]:.1f}"  # the last evaluation's results, to watch learning
+                    for short, key in (("knn", "knn_top1_teacher"), ("miou", "dense_miou_teacher"))
+                    if key in evaluation
+                },
+            )
             if device.type == "cuda":
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
             progress.set_postfix(postfix)
@@ -353,7 +368,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
             sums = dict(zip(sums, (totals / dist_info.world_size).tolist()))
         record = {
             "epoch": epoch + 1,
-            **{k: v / iters_per_epoch for k, v in sums.items()},
+            **{k: v / iters_per_epoch for k, v in sums.items() if math.isfinite(v)},  # no query entropy without queries
             "lr": settings.lr,
             "weight_decay": settings.weight_decay,
             "teacher_temp": settings.teacher_temp,
@@ -362,6 +377,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         if state.scaler.is_enabled():
             record["skipped_steps"] = skipped
         history.append(record)
+        for warning in engine.collapse_warnings(record, cfg.model.out_dim):
+            log(f"warning: epoch {epoch + 1}: {warning}")
         if main_process:
             save_epoch(epoch + 1)  # before any evaluation: a run stopped during it keeps this epoch
         finish_epoch(record)
@@ -402,7 +419,7 @@ def describe_preset(cfg: TrainConfig, flags: dict, chosen: bool) -> str:
 
 
 def evaluate(cfg: TrainConfig, backbone, device, name: str, dist_info) -> dict:
-    """Weighted k-NN on CLS features (``--eval_data_path``, else the built-in shapes, which add the linear
+    """Weighted k-NN on CLS features (``--eval_data_path``, else the built-in scenes, which add the linear
     segmentation probe on patch features); keys carry ``name`` (teacher or random_init). Every process
     calls it under torchrun: the images are sharded over them."""
     from adclr.evaluate import EvalConfig, evaluate_backbone
@@ -412,10 +429,11 @@ def evaluate(cfg: TrainConfig, backbone, device, name: str, dist_info) -> dict:
         data_path=eval_data_path,
         image_size=cfg.data.global_size,
         resize_size=None if eval_data_path else cfg.data.global_size,  # DINO's 256/224 resize on real images
-        num_workers=cfg.data.num_workers if eval_data_path else 0,  # the built-in shapes are made in memory
+        num_workers=cfg.data.num_workers if eval_data_path else 0,  # the built-in scenes are made in memory
         builtin_train_size=cfg.data.builtin_train_size,
         builtin_val_size=cfg.data.builtin_test_size,
         seed=cfg.run.seed,
+        builtin_val_split=cfg.run.builtin_eval_split,
     )
     try:
         results = evaluate_backbone(backbone, config, device, dist_info)
@@ -428,10 +446,10 @@ def evaluate(cfg: TrainConfig, backbone, device, name: str, dist_info) -> dict:
 
 def summary(cfg: TrainConfig, evaluation: dict) -> str:
     """One line: the teacher's metrics next to the same architecture at random initialisation."""
-    from adclr.data import SyntheticShapes
+    from adclr.data import SyntheticScenes
 
-    where = cfg.run.eval_data_path or "the built-in shapes"
-    chance = "" if cfg.run.eval_data_path else f", chance: {100 / SyntheticShapes.num_classes:.1f}%"
+    where = cfg.run.eval_data_path or f"the built-in scenes ({cfg.run.builtin_eval_split} split)"
+    chance = "" if cfg.run.eval_data_path else f", chance: {100 / SyntheticScenes.num_classes:.1f}%"
     line = (
         f"k-NN top-1 on {where}: {evaluation['knn_top1_teacher']:.1f}% "
         f"(random init: {evaluation['knn_top1_random_init']:.1f}%{chance})"

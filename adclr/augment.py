@@ -17,10 +17,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _blur(size: int, p: float) -> v2.Transform:
-    """DINO's Gaussian blur (sigma 0.1..2) with probability ``p``; kernel about a tenth of the crop."""
+def _blur(size: int, p: float, sigma: tuple[float, float]) -> v2.Transform:
+    """DINO's Gaussian blur with probability ``p``; kernel about a tenth of the crop."""
     kernel = max(3, 2 * (size // 20) + 1)
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=p)
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
 
 
 @dataclass
@@ -38,6 +38,9 @@ class MultiCropConfig:
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
+    # DINO's sigma range (0.1, 2) px is for 224 px global crops; smaller images get it scaled by global_size / 224
+    # (at 48 px a 2 px blur would wipe out shapes a few patches wide).
+    blur_sigma: tuple[float, float] | None = None
     solarize_p: float = 0.2  # second global view only
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -72,20 +75,21 @@ class MultiCropAugmentation:
             return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
 
         g, l_ = cfg.global_size, cfg.local_size
+        sigma = cfg.blur_sigma or (0.1 * min(1.0, g / 224), 2.0 * min(1.0, g / 224))
         self.global1 = v2.Compose(
-            [crop(g, cfg.global_crops_scale), flip_and_color, _blur(g, cfg.blur_p[0]), self.normalize]
+            [crop(g, cfg.global_crops_scale), flip_and_color, _blur(g, cfg.blur_p[0], sigma), self.normalize]
         )
         self.global2 = v2.Compose(
             [
                 crop(g, cfg.global_crops_scale),
                 flip_and_color,
-                _blur(g, cfg.blur_p[1]),
+                _blur(g, cfg.blur_p[1], sigma),
                 v2.RandomSolarize(threshold=128, p=cfg.solarize_p),
                 self.normalize,
             ]
         )
         self.local = v2.Compose(
-            [crop(l_, cfg.local_crops_scale), flip_and_color, _blur(l_, cfg.blur_p[2]), self.normalize]
+            [crop(l_, cfg.local_crops_scale), flip_and_color, _blur(l_, cfg.blur_p[2], sigma), self.normalize]
         )
 
     def query_boxes(self, image: Image.Image) -> torch.Tensor:

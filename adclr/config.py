@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_hidden_dim=512,
         head_bottleneck_dim=32,
         drop_path_rate=0.0,
-        global_size=32,
+        global_size=48,
         local_size=16,
         local_crops_number=2,
         num_query=6,
@@ -174,6 +174,7 @@ CHOICES: dict[str, tuple] = {
     "attn_backend": ATTN_BACKENDS,
     "query_keys": QUERY_KEY_RULES,
     "precision": PRECISIONS,  # or None: chosen by device
+    "builtin_eval_split": ("test", "holdout"),
 }
 
 
@@ -207,7 +208,7 @@ class _Checked:
 
 
 def default_preset(data_path: str | None) -> str:
-    """``paper`` when training on real images, ``builtin`` on the built-in shapes."""
+    """``paper`` when training on real images, ``builtin`` on the built-in scenes."""
     return "paper" if data_path else "builtin"
 
 
@@ -282,7 +283,8 @@ class RunConfig(_Checked):
     saveckp_freq: int = 20
     seed: int = 0
     eval_every: int = 0
-    eval_data_path: str | None = None  # a folder with train/ and val/ ImageFolder trees; None: the built-in shapes
+    eval_data_path: str | None = None  # a folder with train/ and val/ ImageFolder trees; None: the built-in scenes
+    builtin_eval_split: str = "test"  # built-in val split; "holdout": unseen train scenes, to choose settings
     tensorboard: bool = False
 
 

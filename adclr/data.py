@@ -1,19 +1,21 @@
-"""Data: a built-in synthetic shapes dataset (no download), image folders, and labelled folders for evaluation.
+"""Data: built-in synthetic scenes (no download), image folders, and labelled folders for evaluation.
 
-The built-in set is generated deterministically from (seed, split, index): each image holds one
-shape (disk, square, triangle, cross, ring or bar) of random size, position and rotation, in a grey
-level contrasting with a textured grey background. The class is the shape and brightness carries no
-information about it, so a representation must see form to classify it (k-NN); the per-pixel
-mask (0 = background, c + 1 = shape c) makes a dense evaluation (segmentation mIoU) meaningful.
+The built-in set (``SyntheticScenes``) is generated deterministically from (seed, split, index): each
+scene holds several objects of six shapes (disk, square, triangle, cross, ring, bar) on a textured
+background, each with its own size, rotation, texture and contrast. A scene's label is the shape of
+its largest object (for k-NN) and its per-pixel mask (0 = background, c + 1 = shape c) makes a dense
+evaluation (segmentation mIoU) meaningful: since colour and texture carry no class, a patch's class
+is read from the form of the object it lies in, which a representation must learn.
 
 Evaluation reads two folder layouts: ``LabelledImages`` (an ImageFolder tree, for k-NN and the
 linear probe) and ``SegmentationFolder`` (``images/`` and ``masks/`` pairs, for the segmentation
-probe). ``write_shapes`` (or ``python -m adclr.data DIR``) writes the built-in shapes in both.
+probe). ``write_scenes`` (or ``python -m adclr.data DIR``) writes the built-in scenes in both.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import warnings
 
@@ -29,43 +31,33 @@ SHAPES = ("disk", "square", "triangle", "cross", "ring", "bar")
 SEGMENTATION_CLASSES = ("background", *SHAPES)  # mask value c is SEGMENTATION_CLASSES[c]
 IGNORE_INDEX = 255  # mask value of pixels that no metric or loss counts (VOC / ADE convention)
 MASK_MODES = ("L", "P", "I", "I;16")  # single-channel PNG modes whose pixel values are class indices
-_SPLIT_OFFSET = {"train": 0, "test": 1_000_003}
+_SPLIT_OFFSET = {"train": 0, "holdout": 500_001, "test": 1_000_003}
 
 
-def _shape_mask(
-    kind: int, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: float, r: float, angle: float
-) -> torch.Tensor:
-    """Boolean mask of shape ``kind`` centred at (cy, cx) with radius ``r``, rotated by ``angle``."""
-    dy, dx = ys - cy, xs - cx
-    cos, sin = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
-    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    if kind == 0:
-        return u**2 + v**2 <= r**2
-    if kind == 1:
-        return (u.abs() <= r * 0.85) & (v.abs() <= r * 0.85)
-    if kind == 2:
-        return (v <= r * 0.6) & (v >= 1.7 * u.abs() - r)
-    if kind == 3:
-        return ((u.abs() <= r * 0.3) & (v.abs() <= r)) | ((v.abs() <= r * 0.3) & (u.abs() <= r))
-    if kind == 4:
-        d2 = u**2 + v**2
-        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
-    return (u.abs() <= r) & (v.abs() <= r * 0.35)
+class SyntheticScenes(Dataset):
+    """``length`` generated scenes of ``size`` px; items are ``(uint8 [3, size, size], label)``.
 
+    Each scene holds two to four objects (``SHAPES``) on a textured background: a large main object,
+    whose shape is the image's label (``index % 6``: classes are balanced), and one to three smaller
+    ones of any shape, drawn first so the main object may cover them. Every object gets its own size,
+    rotation, fill texture (flat, stripes, checks or speckle, at a random scale and angle), colour and
+    contrast (brighter or darker than the background), so no pixel statistic gives a class away: only
+    form does. At the default 48 px with 8 px patches the grid is 6 x 6 and the median object covers
+    about 2.5 x 2.5 patches.
 
-class SyntheticShapes(Dataset):
-    """``length`` generated images of ``size`` px; items are ``(uint8 [3, size, size], label)``.
-
-    With ``target="mask"`` items are ``(uint8 [3, size, size], int64 mask [size, size])`` (the
-    segmentation view, classes ``SEGMENTATION_CLASSES``) and ``transform(image, mask)`` is joint.
+    With ``target="mask"`` items are ``(uint8 [3, size, size], int64 mask [size, size])``: per pixel the
+    class of the topmost object covering at least half of it (``SEGMENTATION_CLASSES``: 0 = background,
+    c + 1 = shape c), and ``transform(image, mask)`` is joint. ``split`` is ``train``, ``holdout`` (more
+    train-distribution scenes, never trained on: for choosing settings) or ``test`` (the val split).
+    Scenes are generated from ``(seed, split, index)``, the same on every call (about a millisecond each).
     """
 
     num_classes = len(SHAPES)
 
     def __init__(
         self,
-        length: int = 2400,
-        size: int = 32,
+        length: int = 1600,
+        size: int = 48,
         split: str = "train",
         seed: int = 0,
         transform=None,
@@ -75,6 +67,8 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"split must be one of {tuple(_SPLIT_OFFSET)}, got {split!r}")
         if target not in ("label", "mask"):
             raise ValueError(f"target must be 'label' or 'mask', got {target!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an integer >= 8 (pixels), got {size!r}")
         self.length, self.size, self.split, self.seed, self.transform = length, size, split, seed, transform
         self.target = target
         self.classes = list(SHAPES if target == "label" else SEGMENTATION_CLASSES)
@@ -84,35 +78,94 @@ class SyntheticShapes(Dataset):
 
     def generate(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(image uint8 [3, S, S], mask int64 [S, S], label)`` for ``index``; the same every call."""
-        g = torch.Generator().manual_seed(self.seed * 7_919 + _SPLIT_OFFSET[self.split] + index)
-        rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-        S = self.size
-        label = index % len(SHAPES)
-        # Supersample 2x and average for smooth edges.
-        coords = (torch.arange(2 * S, dtype=torch.float32) + 0.5) / 2
-        ys, xs = coords[:, None].expand(2 * S, 2 * S), coords[None, :].expand(2 * S, 2 * S)
-        r = S * (0.2 + 0.15 * rand(1).item())
-        cy, cx = (r + (S - 2 * r) * rand(2)).tolist()
-        inside = _shape_mask(label, ys, xs, cy, cx, r, float(rand(1)) * 6.2832).float()
+        if not 0 <= index < self.length:
+            raise IndexError(f"scene index {index} out of range for {self.length} scenes")
+        image, mask, label = _scene(self.seed, self.split, self.size, index)
+        return image.clone(), mask.long(), label
 
-        # Grey levels with a faint tint: images differ in brightness and contrast, which the colour
-        # jitter randomises, not in hue, which it barely moves; views of one image must then be
-        # matched through the shape rather than through a colour shortcut.
-        level, contrast = rand(2).tolist()
-        background = level + 0.15 * rand(1, 2 * S, 2 * S) + 0.05 * rand(3, 1, 1)
-        stripes = torch.sin(xs * (0.3 + rand(1)) + ys * rand(1) * 0.5) * 0.1 * rand(1)
-        foreground = (level + (0.35 + 0.4 * contrast) * (1 if level < 0.5 else -1)) + 0.05 * rand(3, 1, 1)
-        image = inside * foreground + (1 - inside) * (background + stripes)
-        image = torch.nn.functional.avg_pool2d(image[None], 2)[0].clamp(0, 1)
-        coverage = torch.nn.functional.avg_pool2d(inside[None, None], 2)[0, 0]
-        mask = torch.where(coverage >= 0.5, label + 1, 0)
-        return (image * 255).round().to(torch.uint8), mask, label
+    def precompute(self) -> SyntheticScenes:
+        """Generate every scene now (into a cache shared by every ``SyntheticScenes`` of this process and the
+        data-loader workers it forks later), so that training never waits on generation."""
+        for index in range(self.length):
+            _scene(self.seed, self.split, self.size, index)
+        return self
 
     def __getitem__(self, index: int):
         image, mask, label = self.generate(index)
         if self.target == "mask":
             return self.transform(image, mask) if self.transform else (image, mask)
         return (self.transform(image) if self.transform else image), label
+
+
+@functools.lru_cache(maxsize=16_384)  # ~150 MB at 48 px: a default run's train, evaluation and probe scenes
+def _scene(seed: int, split: str, S: int, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Scene ``index`` of ``SyntheticScenes(seed=seed, split=split, size=S)``: uint8 image and mask, label."""
+    rng = np.random.default_rng([seed, _SPLIT_OFFSET[split] + index])
+    label = index % len(SHAPES)
+    # Supersampled 2x, then averaged: smooth edges, and a coverage fraction for the mask.
+    coords = (np.arange(2 * S, dtype=np.float32) + 0.5) / 2
+    ys, xs = coords[:, None], coords[None, :]
+
+    level = 0.2 + 0.6 * rng.random()  # background grey level; objects contrast with it either way
+    image = level + _texture(ys, xs, S, rng, amplitude=0.05) + 0.04 * (rng.random((3, 1, 1)) - 0.5)
+    owner = np.zeros((2 * S, 2 * S), dtype=np.int64)  # class + 1 of the topmost object per subpixel
+    others = int(rng.integers(1, 4))
+    for k in range(others + 1):
+        main = k == others  # drawn last: the label's object is never covered
+        kind = label if main else int(rng.integers(len(SHAPES)))
+        r = S * ((0.26 + 0.1 * rng.random()) if main else (0.18 + 0.08 * rng.random()))
+        cy, cx = r * 0.6 + (S - 1.2 * r) * rng.random(2)  # mostly inside the image
+        inside = _shape_mask(kind, ys, xs, cy, cx, r, rng.random() * 2 * np.pi)
+        sign = 1 if (level < 0.5) == (rng.random() < 0.8) else -1
+        fill = level + sign * (0.25 + 0.3 * rng.random()) + _texture(ys, xs, S, rng, amplitude=0.06)
+        fill = fill + 0.06 * (rng.random((3, 1, 1)) - 0.5)
+        image = np.where(inside, fill, image)
+        owner = np.where(inside, kind + 1, owner)
+    image = image.reshape(3, S, 2, S, 2).mean(axis=(2, 4)).clip(0, 1)
+    # A pixel's class is the object owning at least 2 of its 4 subpixels (else background).
+    blocks = owner.reshape(S, 2, S, 2).transpose(0, 2, 1, 3).reshape(S, S, 4)
+    mask = np.zeros((S, S), dtype=np.int64)
+    for c in np.unique(owner[owner > 0]):
+        mask[(blocks == c).sum(-1) >= 2] = c
+    image = torch.from_numpy((image * 255).round().astype(np.uint8))
+    return image, torch.from_numpy(mask.astype(np.uint8)), label
+
+
+def _shape_mask(kind: int, ys: np.ndarray, xs: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    """Boolean mask of shape ``kind`` (``SHAPES``) centred at (cy, cx) with radius ``r``, rotated by ``angle``."""
+    dy, dx = ys - cy, xs - cx
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    if kind == 0:
+        return u**2 + v**2 <= r**2
+    if kind == 1:
+        return (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
+    if kind == 2:
+        return (v <= r * 0.6) & (v >= 1.7 * np.abs(u) - r)
+    if kind == 3:
+        return ((np.abs(u) <= r * 0.3) & (np.abs(v) <= r)) | ((np.abs(v) <= r * 0.3) & (np.abs(u) <= r))
+    if kind == 4:
+        d2 = u**2 + v**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    return (np.abs(u) <= r) & (np.abs(v) <= r * 0.35)
+
+
+def _texture(ys: np.ndarray, xs: np.ndarray, size: int, rng: np.random.Generator, amplitude: float) -> np.ndarray:
+    """A random zero-mean texture ``[1, H, W]``: flat, stripes, checks or speckle, at a random scale and angle."""
+    kind = int(rng.integers(4))
+    angle, period = rng.random() * np.pi, size * (0.08 + 0.12 * rng.random())
+    strength = amplitude * (0.5 + rng.random())
+    cos, sin = np.cos(angle) * 2 * np.pi / period, np.sin(angle) * 2 * np.pi / period
+    u, v = cos * xs + sin * ys, cos * ys - sin * xs
+    if kind == 0:
+        pattern = np.zeros((ys.shape[0], xs.shape[1]), dtype=np.float32)
+    elif kind == 1:
+        pattern = np.sin(u)
+    elif kind == 2:
+        pattern = np.sign(np.sin(u) * np.sin(v))
+    else:
+        pattern = 2 * rng.random((ys.shape[0], xs.shape[1]), dtype=np.float32) - 1
+    return (strength * pattern)[None]
 
 
 class DataError(UserError):
@@ -288,8 +341,8 @@ def _files_by_stem(folder: str, extensions: tuple[str, ...]) -> dict[str, str]:
     return files
 
 
-def write_shapes(root: str, train_size: int = 1600, val_size: int = 600, size: int = 32, seed: int = 0) -> None:
-    """Write the built-in shapes as evaluation folders (lossless PNG, so reading them back is exact).
+def write_scenes(root: str, train_size: int = 1600, val_size: int = 600, size: int = 48, seed: int = 0) -> None:
+    """Write the built-in scenes as evaluation folders (lossless PNG, so reading them back is exact).
 
     ``root/classification/{train,val}/<c>_<shape>/<index>.png``: ImageFolder trees (the ``<c>_``
     prefix keeps ``SHAPES``' label order); ``root/segmentation/{train,val}/{images,masks}/<index>.png``:
@@ -302,9 +355,9 @@ def write_shapes(root: str, train_size: int = 1600, val_size: int = 600, size: i
             os.makedirs(os.path.join(classification, f"{i}_{shape}"), exist_ok=True)
         for sub in ("images", "masks"):
             os.makedirs(os.path.join(segmentation, sub), exist_ok=True)
-        shapes = SyntheticShapes(length, size, split, seed)
+        scenes = SyntheticScenes(length, size, split, seed)
         for index in range(length):
-            image, mask, label = shapes.generate(index)
+            image, mask, label = scenes.generate(index)
             picture = Image.fromarray(image.permute(1, 2, 0).numpy())
             name = f"{index:05d}.png"
             picture.save(os.path.join(classification, f"{label}_{SHAPES[label]}", name))
@@ -321,14 +374,14 @@ def collate_multicrop(batch):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write the built-in shapes as evaluation folders (see write_shapes).")
+    parser = argparse.ArgumentParser(description="Write the built-in scenes as evaluation folders (see write_scenes).")
     parser.add_argument("output_dir", help="folder to write classification/ and segmentation/ into")
     parser.add_argument("--train_size", type=int, default=1600)
     parser.add_argument("--val_size", type=int, default=600)
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=48, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write_shapes(args.output_dir, args.train_size, args.val_size, args.size, args.seed)
+    write_scenes(args.output_dir, args.train_size, args.val_size, args.size, args.seed)
     print(f"wrote {args.output_dir}/classification/{{train,val}} and {args.output_dir}/segmentation/{{train,val}}")
 
 

@@ -55,11 +55,17 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class StepLosses:
-    """The loss terms of one step as Python floats: ``loss = cls + lambda_query * query``."""
+    """The loss terms of one step as Python floats: ``loss = cls + lambda_query * query``; and the
+    teacher's entropies (``adclr.loss.TeacherEntropy``, nats) per branch, the query ones NaN without
+    a query loss."""
 
     loss: float
     cls: float
     query: float
+    cls_entropy: float = math.nan
+    cls_batch_entropy: float = math.nan
+    query_entropy: float = math.nan
+    query_batch_entropy: float = math.nan
 
 
 @dataclass
@@ -254,7 +260,10 @@ def training_step(
                 teacher_cls, teacher_query = state.teacher(crops[:2], query_crops)
             student_cls, student_query = state.student_ddp(crops, query_crops)
             terms = state.loss(student_cls, teacher_cls, student_query, teacher_query, settings.teacher_temp)
-    losses = StepLosses(*torch.stack([terms.total, terms.cls, terms.query]).tolist())
+    values = [terms.total, terms.cls, terms.query]
+    for entropy in (terms.cls_entropy, terms.query_entropy):
+        values += [entropy.mean, entropy.of_mean] if entropy is not None else [terms.total.new_tensor(math.nan)] * 2
+    losses = StepLosses(*torch.stack([v.float() for v in values]).tolist())  # one device sync
     finite_here = math.isfinite(losses.loss)
     if not _finite_everywhere(finite_here, terms.total.device):
         with torch.no_grad():
@@ -287,3 +296,29 @@ def _finite_everywhere(finite_here: bool, device: torch.device) -> bool:
     flag = torch.tensor([1.0 if finite_here else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def collapse_warnings(record: dict, out_dim: int) -> list[str]:
+    """What an epoch's mean teacher entropies (``StepLosses`` fields in ``record``) say of collapse.
+
+    Uniform collapse: the teacher's per-image outputs are nearly flat (mean entropy above 0.9 ln K), the
+    CLS loss drifts up to ln K. One-hot collapse: every image's output piles onto a few dimensions (the
+    batch-mean output's entropy below 0.5 ln K, i.e. fewer than sqrt(K) dimensions used).
+    """
+    warnings, ln_k = [], math.log(out_dim)
+    for branch in ("cls", "query"):
+        mean, of_mean = record.get(f"{branch}_entropy"), record.get(f"{branch}_batch_entropy")
+        if mean is None or of_mean is None or out_dim < 2:
+            continue
+        if mean > 0.9 * ln_k:
+            warnings.append(
+                f"the teacher's {branch} outputs are collapsing to uniform (mean entropy {mean:.2f} of ln K = "
+                f"{ln_k:.2f}); try a lower --teacher_temp or --lr, a higher --momentum_teacher, or fewer/larger "
+                "local crops (--local_crops_number, --local_crops_scale)"
+            )
+        elif of_mean < 0.5 * ln_k:
+            warnings.append(
+                f"the teacher's {branch} outputs are collapsing to one dimension (entropy of the batch-mean output "
+                f"{of_mean:.2f} of ln K = {ln_k:.2f}); try a higher --teacher_temp or a lower --lr"
+            )
+    return warnings

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import BRANCHES, load_backbone
-from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticShapes, check_same_classes
+from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticScenes, check_same_classes
 from .export import load_exported
 from .files import atomic_write
 from .training import DistInfo, init_distributed
@@ -332,9 +332,10 @@ class EvalConfig:
     """What ``evaluate_backbone`` evaluates on, and how.
 
     ``data_path``: a folder with ``train/`` and ``val/`` ImageFolder trees for the k-NN; ``None`` uses
-    the built-in shapes (``builtin_*`` sizes at ``image_size`` px, ``seed``) and adds the dense probe on
-    their masks (the first quarter of the train images, the first half of the val images). The shapes
-    are generated in memory (about a millisecond an image); reading them from ``write_shapes``
+    the built-in scenes (``builtin_*`` sizes at ``image_size`` px, ``seed``; val from
+    ``builtin_val_split``: ``test``, or ``holdout`` for choosing settings) and adds the dense probe on
+    their masks (the first half of the train scenes, every val scene). The scenes
+    are generated in memory (a few milliseconds each, cached); reading them from ``write_scenes``
     folders through the commands' datasets gives the same numbers (tests/test_eval_*.py check it).
     """
 
@@ -348,6 +349,7 @@ class EvalConfig:
     seed: int = 0
     builtin_train_size: int = 1600
     builtin_val_size: int = 600
+    builtin_val_split: str = "test"  # or "holdout": train-distribution scenes never trained on
     seg_epochs: int = 10  # the dense probe on the built-in masks: small images, so larger batches
     seg_lr: float = 1e-2
     seg_batch_size: int = 64
@@ -360,7 +362,7 @@ def evaluate_backbone(
 
     Returns ``knn_top1`` and ``knn_top5`` (weighted k-NN on the CLS token, ``config.k`` neighbours,
     ``eval_knn``'s code; top-5 only with more than 5 classes) and, on the built-in data,
-    ``dense_miou`` (``eval_seg``'s linear segmentation probe on the shapes' masks). Seeded: the same
+    ``dense_miou`` (``eval_seg``'s linear segmentation probe on the scenes' masks). Seeded: the same
     backbone gives the same numbers, and the caller's random state is left untouched. Without
     ``dist_info`` it runs in the calling process alone (no collectives); with torchrun's ``dist_info``
     every process must call it: each extracts a shard of the images and every one gets the same
@@ -378,8 +380,8 @@ def evaluate_backbone(
         train_set, val_set = LabelledImages(train_dir, transform), LabelledImages(val_dir, transform)
         check_same_classes(train_set.classes, val_set.classes)
     else:
-        train_set = SyntheticShapes(config.builtin_train_size, size, "train", seed, transform)
-        val_set = SyntheticShapes(config.builtin_val_size, size, "test", seed, transform)
+        train_set = SyntheticScenes(config.builtin_train_size, size, "train", seed, transform)
+        val_set = SyntheticScenes(config.builtin_val_size, size, config.builtin_val_split, seed, transform)
     knn = knn_evaluate(
         frozen,
         train_set,
@@ -395,12 +397,12 @@ def evaluate_backbone(
     results = {"knn_top1": knn[config.k]["top1"]}
     if knn[config.k]["top5"] is not None:
         results["knn_top5"] = knn[config.k]["top5"]
-    if not config.data_path:  # a quarter of the train images and half the val images keep the cost down
+    if not config.data_path:  # half the train scenes keep the probe's cost down
         seg_train_transform, seg_val_transform = seg_transform(size, resize_mask=True), seg_transform(size)
         seg = seg_probe(
             frozen,
-            SyntheticShapes(config.builtin_train_size // 4, size, "train", seed, seg_train_transform, "mask"),
-            SyntheticShapes(config.builtin_val_size // 2, size, "test", seed, seg_val_transform, "mask"),
+            SyntheticScenes(config.builtin_train_size // 2, size, "train", seed, seg_train_transform, "mask"),
+            SyntheticScenes(config.builtin_val_size, size, config.builtin_val_split, seed, seg_val_transform, "mask"),
             num_classes=len(SEGMENTATION_CLASSES),
             epochs=config.seg_epochs,
             lr=config.seg_lr,

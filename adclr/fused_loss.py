@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from .heads import HeadFeatures
 from .kernels import LOSS_BACKENDS, dino_soft_cross_entropy_, dino_teacher_probs
-from .loss import LossTerms, ema_center_
+from .loss import LossTerms, TeacherEntropyAccumulator, ema_center_
 
 # Default rows of student logits per chunk, as elements of one [rows, K] buffer: 2^24 is 256 rows at
 # K = 65536 (64 MiB in fp32, 32 MiB in bf16). Larger chunks run larger matmuls; unmeasured on GPUs.
@@ -57,7 +57,18 @@ class _DINOCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, student, teacher, weight, teacher_weight, center, student_temp, teacher_temp, chunk_rows, backend, grads
+        ctx,
+        student,
+        teacher,
+        weight,
+        teacher_weight,
+        center,
+        student_temp,
+        teacher_temp,
+        chunk_rows,
+        backend,
+        grads,
+        entropy,
     ):
         V, M, D = student.shape
         K = weight.shape[0]
@@ -85,6 +96,8 @@ class _DINOCrossEntropy(torch.autograd.Function):
                 teacher_logits = teacher[:, start:stop].reshape(2 * n, D).to(dtype) @ w_teacher.T
                 dino_teacher_probs(teacher_logits, center, teacher_temp, out=targets[: 2 * n], backend=backend)
                 del teacher_logits
+                if entropy is not None:
+                    entropy.add(targets[: 2 * n])
                 if target_blocks == 3:
                     torch.add(targets[:n], targets[n : 2 * n], out=targets[2 * n :])
                 features = student[:, start:stop].reshape(V * n, D).to(dtype)
@@ -119,7 +132,7 @@ class _DINOCrossEntropy(torch.autograd.Function):
             grad_features = (grad_features * grad_loss).to(features_dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(weight_dtype)
-        return grad_features, None, grad_weight, None, None, None, None, None, None, None
+        return grad_features, None, grad_weight, None, None, None, None, None, None, None, None
 
 
 def dino_cross_entropy(
@@ -133,6 +146,7 @@ def dino_cross_entropy(
     teacher_temp: float,
     chunk_rows: int | None = None,
     backend: str = "auto",
+    entropy: TeacherEntropyAccumulator | None = None,
 ) -> torch.Tensor:
     """DINO's multi-view soft cross-entropy, computed from bottleneck features through the last layer.
 
@@ -143,6 +157,7 @@ def dino_cross_entropy(
     equal to the unfused loss on the logits. Gradients reach ``student`` and ``weight`` only (the
     teacher side is a constant target). ``chunk_rows`` bounds the student logit rows computed at once
     (rounded down to whole items, at least one); ``backend`` is that of ``dino_soft_cross_entropy_``.
+    ``entropy``, if given, takes in every teacher probability row (the collapse monitor).
     """
     for name, t in (("student", student), ("teacher", teacher), ("weight", weight), ("teacher_weight", teacher_weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -186,6 +201,7 @@ def dino_cross_entropy(
         chunk_rows,
         backend,
         grads,
+        entropy,
     )
 
 
@@ -253,31 +269,42 @@ class FusedADCLRLoss(nn.Module):
             chunk_rows=self.chunk_rows,
             backend=self.backend,
         )
+        cls_entropy = TeacherEntropyAccumulator(self.out_dim, student.cls.device)
         cls_loss = dino_cross_entropy(
             student.cls.unflatten(0, (self.num_crops, B)),
             teacher.cls.unflatten(0, (2, B)),
             student.weight,
             teacher.weight,
             self.center,
+            entropy=cls_entropy,
             **options,
         )
-        query_loss = cls_loss.new_zeros(())
+        query_loss, query_entropy = cls_loss.new_zeros(()), None
         if student.queries is not None and self.lambda_query != 0:
             if student.queries.shape[0] != 2 or teacher.queries.shape != student.queries.shape:
                 raise ValueError(
                     f"query features must be [2, B, Q, D] for student and teacher alike, got "
                     f"{tuple(student.queries.shape)} and {tuple(teacher.queries.shape)}"
                 )
+            query_entropy = TeacherEntropyAccumulator(self.out_dim, student.cls.device)
             query_loss = dino_cross_entropy(
                 student.queries.flatten(1, 2),
                 teacher.queries.flatten(1, 2),
                 student.query_weight,
                 teacher.query_weight,
                 self.query_center,
+                entropy=query_entropy,
                 **options,
             )
+            query_entropy = query_entropy.result()
         self.update_centers(teacher)
-        return LossTerms(total=cls_loss + self.lambda_query * query_loss, cls=cls_loss, query=query_loss)
+        return LossTerms(
+            total=cls_loss + self.lambda_query * query_loss,
+            cls=cls_loss,
+            query=query_loss,
+            cls_entropy=cls_entropy.result(),
+            query_entropy=query_entropy,
+        )
 
     @torch.no_grad()
     def update_centers(self, teacher: HeadFeatures) -> None:

@@ -11,10 +11,54 @@ import torch.nn.functional as F
 
 
 @dataclass
+class TeacherEntropy:
+    """What DINO users watch for collapse, over a batch of the teacher's centred, sharpened outputs:
+    ``mean`` is the mean per-row entropy (near ln K: every output uniform), ``of_mean`` the entropy of
+    the batch-mean output (near 0: every row picks the same dimension). A healthy teacher has a low
+    ``mean`` and a high ``of_mean``. Both in nats, 0-d fp32 tensors."""
+
+    mean: torch.Tensor
+    of_mean: torch.Tensor
+
+
+class TeacherEntropyAccumulator:
+    """``TeacherEntropy`` of probability rows seen a chunk at a time (the fused loss never holds them all)."""
+
+    def __init__(self, num_outputs: int, device: torch.device):
+        self.entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.prob_sum = torch.zeros(num_outputs, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, probs: torch.Tensor) -> None:
+        """Take ``probs [rows, K]`` (rows summing to 1) into the sums."""
+        probs = probs.float()
+        self.entropy_sum -= torch.special.xlogy(probs, probs).sum()
+        self.prob_sum += probs.sum(0)
+        self.rows += probs.shape[0]
+
+    def result(self) -> TeacherEntropy:
+        mean_probs = self.prob_sum / max(self.rows, 1)
+        return TeacherEntropy(self.entropy_sum / max(self.rows, 1), -torch.special.xlogy(mean_probs, mean_probs).sum())
+
+
+def teacher_entropy(probs: torch.Tensor) -> TeacherEntropy:
+    """``TeacherEntropy`` of probability rows ``[..., K]``."""
+    accumulator = TeacherEntropyAccumulator(probs.shape[-1], probs.device)
+    accumulator.add(probs.reshape(-1, probs.shape[-1]))
+    return accumulator.result()
+
+
+@dataclass
 class LossTerms:
+    """The loss and its two terms, plus the teacher's entropies per branch (``query_entropy`` is None
+    without a query loss)."""
+
     total: torch.Tensor
     cls: torch.Tensor
     query: torch.Tensor
+    cls_entropy: TeacherEntropy | None = None
+    query_entropy: TeacherEntropy | None = None
 
 
 def _cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -62,15 +106,22 @@ class ADCLRLoss(nn.Module):
         ]
         cls_loss = torch.stack(pairs).mean()
 
-        query_loss = cls_loss.new_zeros(())
+        query_loss, query_entropy = cls_loss.new_zeros(()), None
         if student_query is not None and self.lambda_query != 0:
             tq = F.softmax((teacher_query.float() - self.query_center) / teacher_temp, dim=-1).detach()
             sq = student_query.float()
             query_loss = 0.5 * (
                 _cross_entropy(tq[1], sq[0], self.student_temp) + _cross_entropy(tq[0], sq[1], self.student_temp)
             )
+            query_entropy = teacher_entropy(tq)
         self.update_centers(teacher_cls, teacher_query)
-        return LossTerms(total=cls_loss + self.lambda_query * query_loss, cls=cls_loss, query=query_loss)
+        return LossTerms(
+            total=cls_loss + self.lambda_query * query_loss,
+            cls=cls_loss,
+            query=query_loss,
+            cls_entropy=teacher_entropy(torch.cat(teacher_probs)),
+            query_entropy=query_entropy,
+        )
 
     @torch.no_grad()
     def update_centers(self, teacher_cls: torch.Tensor, teacher_query: torch.Tensor | None) -> None:

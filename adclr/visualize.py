@@ -30,7 +30,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, MultiCr
 from .checkpoint import BRANCHES, load_backbone
 from .cli import UserError, add_debug_flag, user_errors
 from .config import BOUNDS, Bounds
-from .data import SyntheticShapes
+from .data import SyntheticScenes
 from .files import atomic_write
 
 MIN_TILE = 224  # pixels: the smallest side a tile is shown at
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     count = Bounds(integer=True, low=0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth written by train.py")
-    parser.add_argument("--image", help="an image file (default: a built-in shapes image)")
+    parser.add_argument("--image", help="an image file (default: a built-in scene)")
     parser.add_argument("--builtin_index", type=count.parse, default=0, help="which built-in test image to show")
     parser.add_argument(
         "--num_query", type=count.parse, help="query crops to place on the image (default: the run's number)"
@@ -155,8 +155,8 @@ def main(argv=None) -> None:
                 raise UserError(f"--image {args.image} cannot be read as an image: {error}") from None
         backbone, run = load_backbone(args.checkpoint, args.branch)
         if not args.image:
-            shapes = SyntheticShapes(args.builtin_index + 1, run.global_size, "test", run.seed)
-            image = v2.functional.to_pil_image(shapes.generate(args.builtin_index)[0])
+            scenes = SyntheticScenes(args.builtin_index + 1, run.global_size, "test", run.seed)
+            image = v2.functional.to_pil_image(scenes.generate(args.builtin_index)[0])
         num_query = run.num_query if args.num_query is None else args.num_query
         torch.manual_seed(args.seed)
         try:

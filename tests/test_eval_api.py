@@ -13,7 +13,7 @@ from PIL import Image
 
 from adclr import engine
 from adclr.checkpoint import load_backbone, save_checkpoint
-from adclr.data import SEGMENTATION_CLASSES, SHAPES, LabelledImages, SegmentationFolder, SyntheticShapes, write_shapes
+from adclr.data import SEGMENTATION_CLASSES, SHAPES, LabelledImages, SegmentationFolder, SyntheticScenes, write_scenes
 from adclr.evaluate import EvalConfig, FrozenBackbone, evaluate_backbone, load_frozen_backbone
 
 CPU = torch.device("cpu")
@@ -101,17 +101,17 @@ def test_three_weight_sources_give_the_same_features(checkpoint, tmp_path):
         load_frozen_backbone(str(timm_weights), arch="deit_tiny_distilled_patch16_224")
 
 
-def test_written_shapes_read_back_exactly(tmp_path):
-    write_shapes(str(tmp_path), train_size=8, val_size=7, size=SIZE, seed=5)
+def test_written_scenes_read_back_exactly(tmp_path):
+    write_scenes(str(tmp_path), train_size=8, val_size=7, size=SIZE, seed=5)
     for folder, split, length in (("train", "train", 8), ("val", "test", 7)):
         labelled = LabelledImages(str(tmp_path / "classification" / folder))
         segmentation = SegmentationFolder(str(tmp_path / "segmentation" / folder))
-        shapes = SyntheticShapes(length, SIZE, split, seed=5)
+        scenes = SyntheticScenes(length, SIZE, split, seed=5)
         assert len(labelled) == len(segmentation) == length
         assert labelled.classes == [f"{i}_{name}" for i, name in enumerate(SHAPES)]
         by_index = {int(os.path.basename(path)[:-4]): (path, label) for path, label in labelled.samples}
         for index in range(length):
-            image, mask, label = shapes.generate(index)
+            image, mask, label = scenes.generate(index)
             path, folder_label = by_index[index]
             assert folder_label == label
             assert np.array_equal(np.asarray(Image.open(path)), image.permute(1, 2, 0).numpy())
@@ -131,8 +131,8 @@ def test_evaluate_backbone_is_seeded_and_leaves_the_caller_alone(tmp_path):
     assert set(first) == {"knn_top1", "knn_top5", "dense_miou"}
     assert all(0 <= value <= 100 for value in first.values())
 
-    # With a data path: the k-NN on that folder (here the same shapes, written out), no dense probe.
-    write_shapes(str(tmp_path / "data"), train_size=36, val_size=18, size=SIZE, seed=0)
+    # With a data path: the k-NN on that folder (here the same scenes, written out), no dense probe.
+    write_scenes(str(tmp_path / "data"), train_size=36, val_size=18, size=SIZE, seed=0)
     on_folder = evaluate_backbone(model, replace(config, data_path=str(tmp_path / "data" / "classification")), CPU)
     assert on_folder == {"knn_top1": first["knn_top1"], "knn_top5": first["knn_top5"]}
     with pytest.raises(ValueError, match="is not a folder"):

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from eval_utils import SIZE, random_vit, write_colour_classes, write_export
 
-from adclr.data import LabelledImages, SyntheticShapes, write_shapes
+from adclr.data import LabelledImages, SyntheticScenes, write_scenes
 from adclr.eval_knn import knn_evaluate, knn_votes, main, weighted_knn
 from adclr.evaluate import as_frozen, eval_transform, extract_features
 from adclr.training import DistInfo
@@ -76,7 +76,7 @@ def test_top5_is_not_reported_for_five_classes_or_fewer():
 
 
 def test_knn_on_written_folders_equals_the_built_in_data(tmp_path):
-    write_shapes(str(tmp_path), train_size=36, val_size=18, size=SIZE, seed=3)
+    write_scenes(str(tmp_path), train_size=36, val_size=18, size=SIZE, seed=3)
     transform = eval_transform(SIZE, SIZE)
     train = LabelledImages(str(tmp_path / "classification" / "train"), transform)
     val = LabelledImages(str(tmp_path / "classification" / "val"), transform)
@@ -86,8 +86,8 @@ def test_knn_on_written_folders_equals_the_built_in_data(tmp_path):
     from_folders = knn_evaluate(backbone, train, val, **settings)
     in_memory = knn_evaluate(
         backbone,
-        SyntheticShapes(36, SIZE, "train", 3, transform),
-        SyntheticShapes(18, SIZE, "test", 3, transform),
+        SyntheticScenes(36, SIZE, "train", 3, transform),
+        SyntheticScenes(18, SIZE, "test", 3, transform),
         **settings,
     )
     assert from_folders == in_memory

@@ -9,7 +9,7 @@ import torch
 from eval_utils import SIZE, random_vit, save_png, write_colour_segmentation, write_export
 from PIL import Image
 
-from adclr.data import SegmentationFolder, SyntheticShapes, write_shapes
+from adclr.data import SegmentationFolder, SyntheticScenes, write_scenes
 from adclr.eval_seg import confusion_matrix, iou_from_confusion, main, seg_probe, seg_transform
 from adclr.evaluate import as_frozen
 
@@ -88,7 +88,7 @@ def test_val_is_scored_at_each_masks_own_size(tmp_path):
 
 
 def test_seg_probe_on_written_folders_equals_the_built_in_data(tmp_path):
-    write_shapes(str(tmp_path), train_size=24, val_size=12, size=SIZE, seed=2)
+    write_scenes(str(tmp_path), train_size=24, val_size=12, size=SIZE, seed=2)
     backbone = as_frozen(random_vit())
     settings = dict(num_classes=7, epochs=2, batch_size=8, device=CPU, seed=4)
     train_t, val_t = seg_transform(SIZE, resize_mask=True), seg_transform(SIZE)
@@ -100,8 +100,8 @@ def test_seg_probe_on_written_folders_equals_the_built_in_data(tmp_path):
     )
     in_memory = seg_probe(
         backbone,
-        SyntheticShapes(24, SIZE, "train", 2, train_t, target="mask"),
-        SyntheticShapes(12, SIZE, "test", 2, val_t, target="mask"),
+        SyntheticScenes(24, SIZE, "train", 2, train_t, target="mask"),
+        SyntheticScenes(12, SIZE, "test", 2, val_t, target="mask"),
         **settings,
     )
     assert from_folders == in_memory

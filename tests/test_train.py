@@ -122,7 +122,7 @@ def two_epochs(tmp_path_factory):
 def test_entry_point_trains_checkpoints_and_evaluates(two_epochs):
     result, run_dir = two_epochs
     assert "preset builtin (no --data_path): arch=vit_pico" in result.stdout
-    assert "k-NN top-1 on the built-in shapes" in result.stdout
+    assert "k-NN top-1 on the built-in scenes" in result.stdout
     records = log_records(run_dir)
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r[k] for r in records])).all() for k in ("loss", "cls", "query"))
@@ -176,7 +176,7 @@ def test_a_run_killed_in_its_evaluation_keeps_the_epoch_and_evaluates_on_rerun(t
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoint.pth'} at epoch 2" in rerun.stdout
     assert "epoch 2/2" not in rerun.stderr  # no training: the epoch was kept
-    assert "k-NN top-1 on the built-in shapes" in rerun.stdout
+    assert "k-NN top-1 on the built-in scenes" in rerun.stdout
     # the same records as the run never stopped (speed aside), none twice, in the log and the checkpoint
     assert without_speed(log_records(run_dir)) == without_speed(log_records(full))
     after = load_checkpoint(str(run_dir / "checkpoint.pth"))
@@ -302,10 +302,10 @@ def test_unreadable_images_are_skipped(tmp_path):
 def test_eval_data_path_drives_the_evaluation(tmp_path):
     """--eval_data_path: the k-NN runs on that folder (the teacher's number equals evaluate_backbone's
     on the checkpoint's teacher), without the built-in dense probe; a bad folder stops before training."""
-    from adclr.data import write_shapes
+    from adclr.data import write_scenes
     from adclr.evaluate import EvalConfig, evaluate_backbone
 
-    write_shapes(str(tmp_path / "shapes"), train_size=30, val_size=12, size=32, seed=5)
+    write_scenes(str(tmp_path / "shapes"), train_size=30, val_size=12, size=32, seed=5)
     folder = str(tmp_path / "shapes" / "classification")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
