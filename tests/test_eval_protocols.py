@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 from engine_utils import batch, tiny_config
-from eval_utils import write_colour_classes, write_colour_segmentation
+from eval_utils import save_png, write_colour_classes, write_colour_segmentation
 from torch.utils.data import TensorDataset
 
 import adclr.eval_knn
@@ -27,7 +27,7 @@ from adclr.checkpoint import load_backbone, save_checkpoint
 from adclr.eval_knn import knn_evaluate, weighted_knn
 from adclr.eval_linear import LinearClassifier, validate
 from adclr.eval_seg import score_seg_probe, seg_probe, seg_transform
-from adclr.evaluate import BackboneFeatures
+from adclr.evaluate import BackboneFeatures, load_frozen_backbone
 from adclr.export import load_exported
 from adclr.export import main as export_main
 
@@ -357,8 +357,22 @@ def test_commands_evaluate_the_teacher_unless_told(module, which, checkpoint, tm
     assert json.loads(report.read_text())["backbone"]["which"] == expected
 
 
-def test_export_writes_the_teacher_unless_told(checkpoint, tmp_path):
+def test_export_visualize_and_the_python_api_take_the_teacher_by_default(checkpoint, tmp_path, monkeypatch):
+    import adclr.visualize
+
     export_main(["--checkpoint", checkpoint, "--output", str(tmp_path / "default.safetensors")])
     model = load_exported(str(tmp_path / "default.safetensors"))
-    cls = lambda images: model.forward_features(images)[:, 0]  # noqa: E731
-    assert _same_network(cls, checkpoint, "teacher") and not _same_network(cls, checkpoint, "student")
+    exported = lambda images: model.forward_features(images)[:, 0]  # noqa: E731
+    assert _same_network(exported, checkpoint, "teacher") and not _same_network(exported, checkpoint, "student")
+
+    shown = []
+    monkeypatch.setattr(adclr.visualize, "attention_pictures", lambda backbone, *args: shown.append(backbone) or [])
+    save_png(np.full((32, 32, 3), 128, np.uint8), str(tmp_path / "image.png"))
+    adclr.visualize.main(["--checkpoint", checkpoint, "--image", str(tmp_path / "image.png")])
+    [backbone] = shown
+    pictured = lambda images: backbone(images).cls  # noqa: E731
+    assert _same_network(pictured, checkpoint, "teacher") and not _same_network(pictured, checkpoint, "student")
+
+    frozen = load_frozen_backbone(checkpoint)
+    loaded = lambda images: frozen(images).cls  # noqa: E731
+    assert _same_network(loaded, checkpoint, "teacher") and not _same_network(loaded, checkpoint, "student")
