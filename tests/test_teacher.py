@@ -23,12 +23,11 @@ DROP_PATH = 0.5  # the student's; large, so that a teacher that had it would dro
 
 @pytest.mark.parametrize("fused_loss", [True, False], ids=["fused_loss", "unfused_loss"])
 def test_teacher_targets_have_no_drop_path_when_the_student_has_it(fused_loss):
-    """With ``drop_path_rate`` 0.5 and both networks in train mode (as ``train.py`` runs them), the centres
-    move to the batch means of the deterministic teacher: its float64 copy in eval mode, crop by crop."""
+    """With ``drop_path_rate`` 0.5 and the networks in the modes ``train.py`` runs them in, the centres move
+    to the batch means of the deterministic teacher: its float64 copy in eval mode, crop by crop."""
     config = tiny_config(drop_path_rate=DROP_PATH, fused_loss=fused_loss, num_query=3, local_crops_number=1)
     state = engine.build_train_state(config, CPU)
-    state.student.train()
-    state.teacher.train()  # the mode the trainer leaves it in: stochastic depth, were it built with any
+    state.student.train()  # as train.py does each epoch; the teacher keeps the mode it was built in
     with torch.no_grad():
         state.loss.center.normal_(std=0.05)
         state.loss.query_center.normal_(std=0.05)
