@@ -415,16 +415,50 @@ def float64_step(student, teacher, crops, query_crops, num_crops, centers):
     return [cls.detach(), query.detach(), total.detach(), new_center, new_query_center], grads
 
 
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3}
+# Relative to each quantity's size; bf16: half a unit in its last place (one rounding of the result itself).
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2**-9}
 # fp32 only: whatever the unfused loss does, the fused one stays this close to float64 (relative to each
 # quantity's size), so a bug both share (say in the centre update) still fails. bf16 gradients deep in
-# the ViT are several percent off float64 for both losses: there only the 2x rule applies.
+# the ViT are several percent off float64 for both losses: there the bound is what bf16 rounding causes.
 ABSOLUTE = {torch.float32: 1e-4, torch.bfloat16: float("inf")}
+ROUNDINGS = 8  # other bf16 roundings of the unfused step that measure its rounding error (see bf16_rounding_error)
+
+
+def _names(values, grads):
+    return dict(zip(["cls", "query", "total", "center", "query_center"], values)) | grads
+
+
+def bf16_rounding_error(student, teacher, crops, query_crops, num_crops, centers, samples=ROUNDINGS):
+    """The largest error vs float64, per quantity, of the unfused step under bf16 autocast over ``samples``
+    copies of the step whose weights, inputs and centres are each moved by less than half a bf16 step
+    (a relative 2**-9): equally valid inputs that bf16 rounds differently. One rounding's error can be
+    small by chance (a gradient with cancellations: a norm weight's); the largest of several is what bf16
+    rounding causes for that quantity, whatever the loss (a change both losses share moves it alike)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def jitter(t):
+        noise = torch.rand(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+        return t * (1 + 2**-9 * (2 * noise - 1))
+
+    worst = {}
+    for _ in range(samples):
+        s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+        with torch.no_grad():
+            for p in [*s.parameters(), *t.parameters()]:
+                p.copy_(jitter(p))
+        c, q = [jitter(x) for x in crops], jitter(query_crops) if query_crops is not None else None
+        moved = tuple(jitter(x) for x in centers)
+        truth = _names(*float64_step(s, t, c, q, num_crops, moved))
+        bf16 = _names(*loss_step(s, t, make_loss(False, num_crops, moved), c, q, torch.bfloat16))
+        for name in truth:
+            worst[name] = max(worst.get(name, 0.0), max_error(bf16[name], truth[name]))
+    return worst
 
 
 def compare_with_unfused(num_crops, Q, separate, norm_last_layer, dtype, device="cpu", **options):
     """Fused and unfused from the same weights and batch; the fused one's error vs float64 must be at
-    most twice the unfused one's (plus a floor relative to each quantity's size)."""
+    most twice the unfused one's (plus ``FLOOR`` of each quantity's size). Under
+    bf16 the unfused error is the largest over this step and ``ROUNDINGS`` other roundings of it."""
     torch.manual_seed(1000 * num_crops + Q)
     student = make_network(separate, norm_last_layer).to(device)
     teacher = make_network(separate, norm_last_layer).requires_grad_(False).to(device)  # its own random weights
@@ -432,20 +466,23 @@ def compare_with_unfused(num_crops, Q, separate, norm_last_layer, dtype, device=
     crops = [c.to(device) for c in crops]
     query_crops = query_crops.to(device) if query_crops is not None else None
     centers = (torch.randn(1, OUT_DIM, device=device) * 0.3, torch.randn(1, OUT_DIM, device=device) * 0.3)
-    truth, truth_grads = float64_step(student, teacher, crops, query_crops, num_crops, centers)
-    ref, ref_grads = loss_step(student, teacher, make_loss(False, num_crops, centers), crops, query_crops, dtype)
-    ours, our_grads = loss_step(
-        student, teacher, make_loss(True, num_crops, centers, **options), crops, query_crops, dtype
+    truth = _names(*float64_step(student, teacher, crops, query_crops, num_crops, centers))
+    ref = _names(*loss_step(student, teacher, make_loss(False, num_crops, centers), crops, query_crops, dtype))
+    ours = _names(
+        *loss_step(student, teacher, make_loss(True, num_crops, centers, **options), crops, query_crops, dtype)
     )
-    assert set(our_grads) == set(ref_grads) == set(truth_grads)
+    assert set(ours) == set(ref) == set(truth)
     magnitudes = "last_layer.parametrizations.weight.original0"
-    assert (magnitudes in " ".join(our_grads)) == (not norm_last_layer)
-    named = zip(["cls", "query", "total", "center", "query_center"], ours, ref, truth)
-    named = [*named, *((n, our_grads[n], ref_grads[n], truth_grads[n]) for n in truth_grads)]
-    for name, a, b, t in named:
+    assert (magnitudes in " ".join(ours)) == (not norm_last_layer)
+    unfused = {name: max_error(ref[name], truth[name]) for name in truth}
+    if dtype == torch.bfloat16:
+        rounding = bf16_rounding_error(student, teacher, crops, query_crops, num_crops, centers)
+        unfused = {name: max(unfused[name], rounding[name]) for name in truth}
+    for name, t in truth.items():
         size = max(t.abs().max().item(), 1e-3)
-        bound = min(2 * max_error(b, t) + FLOOR[dtype] * size, ABSOLUTE[dtype] * size)
-        assert max_error(a, t) <= bound, f"{name}: {max_error(a, t):.3e} > {bound:.3e} (unfused {max_error(b, t):.3e})"
+        bound = min(2 * unfused[name] + FLOOR[dtype] * size, ABSOLUTE[dtype] * size)
+        error = max_error(ours[name], t)
+        assert error <= bound, f"{name}: {error:.3e} > {bound:.3e} (unfused {unfused[name]:.3e})"
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["shared_head", "separate_head"])
