@@ -37,13 +37,13 @@ _SPLIT_OFFSET = {"train": 0, "holdout": 500_001, "test": 1_000_003}
 class SyntheticScenes(Dataset):
     """``length`` generated scenes of ``size`` px; items are ``(uint8 [3, size, size], label)``.
 
-    Each scene holds two to four objects (``SHAPES``) on a textured background: a large main object,
-    whose shape is the image's label (``index % 6``: classes are balanced), and one to three smaller
+    Each scene holds two or three objects (``SHAPES``) on a textured background: a large main object,
+    whose shape is the image's label (``index % 6``: classes are balanced), and one or two smaller
     ones of any shape, drawn first so the main object may cover them. Every object gets its own size,
     rotation, fill texture (flat, stripes, checks or speckle, at a random scale and angle), colour and
     contrast (brighter or darker than the background), so no pixel statistic gives a class away: only
     form does. At the default 48 px with 8 px patches the grid is 6 x 6 and the median object covers
-    about 2.5 x 2.5 patches.
+    more than 2 x 2 patches.
 
     With ``target="mask"`` items are ``(uint8 [3, size, size], int64 mask [size, size])``: per pixel the
     class of the topmost object covering at least half of it (``SEGMENTATION_CLASSES``: 0 = background,
@@ -106,18 +106,20 @@ def _scene(seed: int, split: str, S: int, index: int) -> tuple[torch.Tensor, tor
     coords = (np.arange(2 * S, dtype=np.float32) + 0.5) / 2
     ys, xs = coords[:, None], coords[None, :]
 
-    level = 0.2 + 0.6 * rng.random()  # background grey level; objects contrast with it either way
-    image = level + _texture(ys, xs, S, rng, amplitude=0.05) + 0.04 * (rng.random((3, 1, 1)) - 0.5)
+    # Grey levels in a narrow band, objects brighter or darker at random: brightness tells neither the image
+    # (it would be an easy cue for telling scenes apart, which the colour jitter only partly hides) nor the class.
+    level = 0.4 + 0.2 * rng.random()
+    image = level + _texture(ys, xs, S, rng, amplitude=0.08) + 0.04 * (rng.random((3, 1, 1)) - 0.5)
     owner = np.zeros((2 * S, 2 * S), dtype=np.int64)  # class + 1 of the topmost object per subpixel
-    others = int(rng.integers(1, 4))
+    others = int(rng.integers(1, 3))
     for k in range(others + 1):
         main = k == others  # drawn last: the label's object is never covered
         kind = label if main else int(rng.integers(len(SHAPES)))
-        r = S * ((0.26 + 0.1 * rng.random()) if main else (0.18 + 0.08 * rng.random()))
+        r = S * ((0.3 + 0.1 * rng.random()) if main else (0.18 + 0.08 * rng.random()))
         cy, cx = r * 0.6 + (S - 1.2 * r) * rng.random(2)  # mostly inside the image
         inside = _shape_mask(kind, ys, xs, cy, cx, r, rng.random() * 2 * np.pi)
-        sign = 1 if (level < 0.5) == (rng.random() < 0.8) else -1
-        fill = level + sign * (0.25 + 0.3 * rng.random()) + _texture(ys, xs, S, rng, amplitude=0.06)
+        sign = 1 if rng.random() < 0.5 else -1
+        fill = level + sign * (0.3 + 0.2 * rng.random()) + _texture(ys, xs, S, rng, amplitude=0.08)
         fill = fill + 0.06 * (rng.random((3, 1, 1)) - 0.5)
         image = np.where(inside, fill, image)
         owner = np.where(inside, kind + 1, owner)

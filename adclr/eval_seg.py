@@ -20,12 +20,15 @@ per-class IoU come from one confusion matrix accumulated over all val pixels. Wr
 from __future__ import annotations
 
 import argparse
+import colorsys
 import math
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import InterpolationMode, v2
@@ -46,6 +49,7 @@ from .evaluate import (
     split_folders,
     write_results,
 )
+from .files import atomic_write
 from .training import DistInfo
 
 
@@ -122,7 +126,14 @@ def _logits(head: nn.Module, patches: torch.Tensor, grid: tuple[int, int]) -> to
     return head(patches.float()).transpose(1, 2).unflatten(2, grid)
 
 
-def seg_probe(
+def seg_probe(*args, **kwargs) -> dict:
+    """Train the linear head on ``train_set`` and score it on ``val_set`` (arguments of ``train_seg_head``):
+    ``iou_from_confusion``'s metrics plus ``num_classes``."""
+    head, num_classes, grid, backbone, val_set, options = train_seg_head(*args, **kwargs)
+    return score_seg_probe(backbone, head, val_set, num_classes, grid, **options)
+
+
+def train_seg_head(
     backbone: FrozenBackbone,
     train_set,
     val_set,
@@ -137,7 +148,8 @@ def seg_probe(
     dist_info: DistInfo | None = None,
     seed: int = 0,
 ) -> dict:
-    """Train the linear head on ``train_set`` and score it on ``val_set``.
+    """Train the linear head on ``train_set``; returns ``(head, num_classes, grid, backbone, val_set, options)``,
+    what ``score_seg_probe`` takes (``options``: its keyword arguments).
 
     The datasets yield ``SegTransform`` output: ``(image [3, S, S], uint8 mask)``, train masks resized
     to ``S x S``. ``num_classes`` defaults to the largest class index in the train masks + 1. Seeded
@@ -201,7 +213,8 @@ def seg_probe(
             optimizer.step()
             scheduler.step()
 
-    return score_seg_probe(backbone, head, val_set, num_classes, grid, device, num_workers, dist_info, batch_size)
+    options = dict(device=device, num_workers=num_workers, dist_info=dist_info, batch_size=batch_size)
+    return head, num_classes, grid, backbone, val_set, options
 
 
 @torch.no_grad()
@@ -253,6 +266,39 @@ def score_seg_probe(
     return {**iou_from_confusion(confusion), "num_classes": num_classes}
 
 
+@torch.no_grad()
+def seg_pictures(
+    backbone: FrozenBackbone, head: nn.Module, val_set, count: int, grid: tuple[int, int], device
+) -> Image:
+    """One row per val item (the first ``count``): the image, its true mask and the probe's predicted mask,
+    side by side, each class in its own colour (ignored pixels grey), enlarged to be read at a glance."""
+    rows = []
+    for index in range(min(count, len(val_set))):
+        image, mask = val_set[index]
+        with autocast(device):
+            patches = backbone(image[None].to(device)).patches
+        logits = F.interpolate(_logits(head, patches, grid), size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        predicted = logits.argmax(1)[0].cpu()
+        pixels = image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+        pixels = v2.functional.resize(pixels.clamp(0, 1), list(mask.shape[-2:]), antialias=True)
+        palette = _palette(head.out_features)
+        rows.append(torch.cat([pixels, palette[mask.long()].permute(2, 0, 1), palette[predicted].permute(2, 0, 1)], 2))
+    width = max(row.shape[-1] for row in rows)
+    grid_image = torch.cat([F.pad(row, (0, width - row.shape[-1])) for row in rows], 1)
+    scale = max(1, 256 // grid_image.shape[-1] * 2)
+    picture = v2.functional.to_pil_image(grid_image)
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def _palette(num_classes: int) -> torch.Tensor:
+    """``[256, 3]`` colours: class 0 black, the others evenly spaced hues, every other index (ignore) grey."""
+    colours = torch.full((256, 3), 0.5)
+    colours[0] = 0
+    for c in range(1, num_classes):
+        colours[c] = torch.tensor(colorsys.hsv_to_rgb((c - 1) / max(num_classes - 1, 1), 0.85, 1.0))
+    return colours
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "adclr.eval_seg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -261,6 +307,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_classes", type=int, help="classes (default: the largest train mask index + 1)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine to 0)")
+    parser.add_argument(
+        "--pictures",
+        type=int,
+        default=0,
+        help="also write seg_pictures.png: image, true and predicted mask of N val images",
+    )
     return parser
 
 
@@ -273,9 +325,10 @@ def run(args: argparse.Namespace) -> dict | None:
     train_dir, val_dir = split_folders(args.data_path)
     train_set = SegmentationFolder(train_dir, seg_transform(args.image_size, resize_mask=True))
     val_set = SegmentationFolder(val_dir, seg_transform(args.image_size))
+    positive("pictures", args.pictures, minimum=0)
     backbone = load_frozen_backbone(args.weights, args.which, args.arch)
     device, dist_info = setup_device()
-    results = seg_probe(
+    head, num_classes, grid, backbone, val_set, options = train_seg_head(
         backbone.to(device),
         train_set,
         val_set,
@@ -288,8 +341,14 @@ def run(args: argparse.Namespace) -> dict | None:
         dist_info=dist_info,
         seed=args.seed,
     )
+    results = score_seg_probe(backbone, head, val_set, num_classes, grid, **options)
     if not dist_info.is_main:
         return None
+    if args.pictures:
+        picture_path = os.path.join(args.output_dir, "seg_pictures.png")
+        os.makedirs(args.output_dir, exist_ok=True)
+        with atomic_write(picture_path, "wb") as f:
+            seg_pictures(backbone, head, val_set, args.pictures, grid, device).save(f, format="PNG")
     report = {
         "protocol": "linear segmentation probe on frozen patch tokens",
         "backbone": backbone_description(args),

@@ -131,3 +131,20 @@ def test_views_follow_dinos_augmentation_recipe():
     assert [tuple(c.shape) for c in out["crops"]] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 10
     assert out["query_crops"].shape == (10, 3, 16, 16)
     assert not torch.equal(out["crops"][0], out["crops"][1])  # two different augmentations of the image
+
+
+def test_blur_strength_is_dinos_relative_to_the_image():
+    """DINO's sigma range (0.1, 2) px belongs to 224 px global crops; a 48 px run blurs 48/224 as much (a 2 px
+    blur would erase shapes a few patches wide), and an explicit range is taken as given."""
+
+    def sigmas(aug):
+        steps = [step for view in (aug.global1, aug.global2, aug.local) for step in _describe(view)]
+        return {tuple(round(s, 6) for s in step[-1]) for step in steps if step[0] == "blur"}
+
+    assert sigmas(MultiCropAugmentation(MultiCropConfig())) == {(0.1, 2.0)}
+    small = MultiCropAugmentation(MultiCropConfig(global_size=48, local_size=16, patch_size=8))
+    assert sigmas(small) == {(round(0.1 * 48 / 224, 6), round(2.0 * 48 / 224, 6))}
+    explicit = MultiCropAugmentation(
+        MultiCropConfig(global_size=48, local_size=16, patch_size=8, blur_sigma=(0.5, 1.0))
+    )
+    assert sigmas(explicit) == {(0.5, 1.0)}

@@ -58,3 +58,33 @@ def test_a_constant_feature_scores_the_predict_background_baseline():
     present = len(masks.unique())
     background_iou = 100 * (masks == 0).float().mean().item()  # predicted everywhere: IoU = its pixel share
     assert abs(result["miou"] - background_iou / present) < 0.01, (result["miou"], background_iou, present)
+
+
+def test_pictures_show_image_true_mask_and_prediction_side_by_side(tmp_path):
+    """The command's --pictures: one row per val scene; the middle column is the true mask in the palette,
+    the right one the oracle's prediction, which matches it."""
+    from PIL import Image
+
+    from adclr.eval_seg import _palette, seg_pictures, train_seg_head
+
+    head, num_classes, grid, backbone, val_set, _ = train_seg_head(
+        OracleBackbone(),
+        EncodedScenes(48, SIZE, "train", seed=4, transform=seg_transform(SIZE, resize_mask=True), target="mask"),
+        EncodedScenes(3, SIZE, "test", seed=4, transform=seg_transform(SIZE), target="mask"),
+        num_classes=CLASSES,
+        epochs=10,
+        lr=0.05,
+        batch_size=8,
+        device=torch.device("cpu"),
+    )
+    picture = seg_pictures(backbone, head, val_set, 3, grid, torch.device("cpu"))
+    scale = picture.width // (3 * SIZE)
+    assert scale >= 2 and picture.size == (3 * SIZE * scale, 3 * SIZE * scale)
+    pixels = torch.from_numpy(__import__("numpy").asarray(picture.resize((3 * SIZE, 3 * SIZE), Image.NEAREST)))
+    palette = (_palette(num_classes) * 255).round().to(torch.uint8)
+    for row in range(3):
+        mask = val_set[row][1].long()
+        true_panel = pixels[row * SIZE : (row + 1) * SIZE, SIZE : 2 * SIZE]
+        predicted_panel = pixels[row * SIZE : (row + 1) * SIZE, 2 * SIZE :]
+        assert torch.equal(true_panel, palette[mask])
+        assert (predicted_panel == palette[mask]).all(-1).float().mean() > 0.97
