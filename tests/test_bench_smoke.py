@@ -62,3 +62,27 @@ def test_train_step_benchmark_runs_every_variant(tmp_path):
     assert all(float(r["step_ms"]) > 0 and math.isclose(float(rows[0]["time_vs_dino"]), 1.0) for r in rows)
     assert [int(r["Q"]) for r in rows] == [0, 0, 4, 4, 4, 4]
     assert [r["fused_loss"] for r in rows] == ["False", "True", "False", "True", "False", "False"]
+
+
+def test_learning_benchmark_writes_its_table_and_picture(tmp_path):
+    """Two seeds of ADCLR and DINO (tiny runs, two at a time): a table of every method with mean ± std, the
+    paired difference, the per-epoch picture, and every run's log; DINO's runs have no query loss."""
+    import json
+
+    from bench import learning
+
+    learning.main(["--tiny", "--seeds", "0", "1", "--eval_every", "1", "--jobs", "2", "--output_dir", str(tmp_path)])
+    table = (tmp_path / "learning.md").read_text()
+    for method in ("adclr", "dino", "random_init"):
+        assert f"| {method} | " in table
+    assert "ADCLR − DINO, paired by seed" in table and table.count("±") >= 9
+    assert (tmp_path / "learning.png").stat().st_size > 0
+    report = json.loads((tmp_path / "learning.json").read_text())
+    for method in ("adclr", "dino"):
+        for seed in ("0", "1"):
+            rows = report["runs"][method][seed]
+            assert [r["epoch"] for r in rows] == [1, 2] and all("dense_miou_teacher" in r for r in rows)
+            assert ("query_entropy" in rows[-1]) == (method == "adclr")
+    knn = report["final"]["knn_top1"]
+    difference = knn["adclr"]["0"] - knn["dino"]["0"] + knn["adclr"]["1"] - knn["dino"]["1"]
+    assert math.isclose(report["final"]["knn_top1"]["difference"]["mean"], difference / 2)
