@@ -66,7 +66,7 @@ def test_plain_dict_round_trip_and_top_level_fields():
     json.dumps(data)  # plain containers only
     assert TrainConfig.from_dict(data) == config
     assert TrainConfig.from_dict(json.loads(json.dumps(data))) == config  # lists back to tuples
-    expected = dict(arch="vit_pico", patch_size=8, global_size=32, seed=7, num_query=2, query_keys="raw")
+    expected = dict(arch="vit_pico", patch_size=8, global_size=48, seed=7, num_query=2, query_keys="raw")
     assert {name: getattr(config, name) for name in expected} == expected and config.bidirectional is True
 
 
