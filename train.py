@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
     from adclr.files import atomic_write
     from adclr.kernels import interpreter_enabled
+    from adclr.runtime import SeededItems, configure_threads
     from adclr.training import init_distributed, seed_everything
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +187,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     log("config: " + json.dumps(cfg.to_dict()))
     for note in notes:
         log(f"note: {note}")
+    log(configure_threads(cfg.data.num_workers))
 
     # ---- data: multi-crop views + query crops of every image -------------------------------------
     data = cfg.data
@@ -205,6 +207,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         dataset = ImageFiles(data.data_path, transform=augmentation)
     else:
         dataset = SyntheticShapes(data.builtin_train_size, data.global_size, "train", cfg.run.seed, augmentation)
+    dataset = SeededItems(dataset, cfg.run.seed)  # each image's crops from (seed, epoch, index): any --num_workers
     sampler = DistributedSampler(
         dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg.run.seed, drop_last=True
     )
@@ -307,6 +310,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     for epoch in range(start_epoch, epochs):
         seed_everything(cfg.run.seed + 1000 * epoch + dist_info.rank)  # augmentations, drop-path: resumable
         sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         state.student.train()
         sums = {"loss": 0.0, "cls": 0.0, "query": 0.0}
         skipped = 0

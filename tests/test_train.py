@@ -135,6 +135,18 @@ def test_entry_point_trains_checkpoints_and_evaluates(two_epochs):
     assert load_checkpoint(str(run_dir / "checkpoint0001.pth")).epoch == 1
 
 
+def test_loader_workers_do_not_change_the_run(two_epochs, tmp_path):
+    """Each image's crops come from (seed, epoch, index): two loader workers train exactly as the main
+    process alone does (same losses, same teacher), at the same intra-op thread count (reported)."""
+    result, run_dir = two_epochs
+    assert "intra-op threads: 1 (OMP_NUM_THREADS=1)" in result.stdout
+    workers = train(tmp_path / "run", "--epochs", "2", "--num_workers", "2")
+    assert workers.returncode == 0, workers.stderr[-3000:]
+    assert without_speed(log_records(tmp_path / "run")) == without_speed(log_records(run_dir))
+    teachers = [torch.load(d / "checkpoint.pth", weights_only=True)["teacher"] for d in (run_dir, tmp_path / "run")]
+    assert_same(*teachers)
+
+
 def test_resume_from_a_corrupt_checkpoint_reproduces_the_uninterrupted_run(two_epochs, tmp_path):
     """checkpoint.pth torn (as by a crash on a file system without atomic rename): it is named, moved aside
     and the run resumes from checkpoint0001.pth, ending exactly as the run that was never stopped."""
