@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     from adclr.data import ImageFiles, SyntheticShapes, collate_multicrop
     from adclr.files import atomic_write
     from adclr.kernels import interpreter_enabled
+    from adclr.lock import hold_output_dir
     from adclr.runtime import SeededItems, configure_threads
     from adclr.training import init_distributed, seed_everything
 
@@ -230,6 +231,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
             "lower --batch_size_per_gpu"
         )
     os.makedirs(cfg.run.output_dir, exist_ok=True)
+    for note in hold_output_dir(cfg.run.output_dir) if main_process else []:  # one run per folder
+        log(f"note: {note}")
 
     # ---- student, teacher (EMA of the student), loss, optimizer; per-iteration schedules -----------
     state = engine.build_train_state(cfg, device, distributed=dist_info.enabled)
