@@ -37,6 +37,7 @@ from .evaluate import (
     add_common_arguments,
     autocast,
     backbone_description,
+    check_image_size,
     extract_features,
     load_frozen_backbone,
     positive,
@@ -274,6 +275,7 @@ def run(args: argparse.Namespace) -> dict | None:
     train_set = SegmentationFolder(train_dir, seg_transform(args.image_size, resize_mask=True))
     val_set = SegmentationFolder(val_dir, seg_transform(args.image_size))
     backbone = load_frozen_backbone(args.weights, args.which, args.arch)
+    check_image_size(backbone, args.image_size)
     device, dist_info = setup_device()
     results = seg_probe(
         backbone.to(device),

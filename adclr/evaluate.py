@@ -277,6 +277,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, image_size: int, batch
     data.add_argument("--seed", type=int, default=0)
 
 
+def check_image_size(backbone: FrozenBackbone, image_size: int, flag: str = "--image_size") -> None:
+    """Refuse an input side that is not whole patches of ``backbone`` (timm would assert deep inside)."""
+    patch = backbone.patch_size
+    if image_size % patch:
+        below, above = image_size - image_size % patch, image_size - image_size % patch + patch
+        nearest = f"{below} or {above}" if below else str(above)
+        raise ValueError(f"{flag} {image_size} must be a multiple of the backbone's patch size {patch}, e.g. {nearest}")
+
+
 def positive(name: str, value, minimum=1) -> None:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
