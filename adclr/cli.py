@@ -82,6 +82,19 @@ def check_device(cfg, device_type: str, capability: tuple[int, int] | None, inte
     return []
 
 
+SEGMENTATION_LAYOUT = {"images", "masks"}  # the sub-folders of a segmentation split (adclr.data.SegmentationFolder)
+
+
+def not_a_segmentation_split(folder: str, classes, flag: str) -> None:
+    """Refuse ``folder`` as an ImageFolder tree when its only "classes" are ``images`` and ``masks``: a
+    k-NN would take them for two classes and score near 100 %."""
+    if set(classes) == SEGMENTATION_LAYOUT:
+        raise UserError(
+            f"{flag} {folder} holds images/ and masks/, a segmentation folder (python -m adclr.eval_seg reads it); "
+            "k-NN and the linear probe need ImageFolder trees, one sub-folder of images per class"
+        )
+
+
 def require_folder(path: str, flag: str) -> None:
     """``path`` (given as ``flag``) must be an existing folder."""
     if not os.path.exists(path):
@@ -100,6 +113,7 @@ def require_eval_folders(path: str, flag: str) -> None:
         if not os.path.isdir(folder):
             raise UserError(f"{flag} {path} has no {split}/ folder; expected train/ and val/ ImageFolder trees")
         classes.append({entry.name for entry in os.scandir(folder) if entry.is_dir()})
+        not_a_segmentation_split(folder, classes[-1], flag)
         if not classes[-1]:
             raise UserError(f"{flag} {folder} has no class sub-folders (ImageFolder layout: <class>/<image>)")
         for name in sorted(classes[-1]):

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from .cli import UserError
+from .cli import UserError, not_a_segmentation_split
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "bar")
 SEGMENTATION_CLASSES = ("background", *SHAPES)  # mask value c is SEGMENTATION_CLASSES[c]
@@ -228,12 +228,23 @@ class ImageFiles(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                image = default_loader(path)
+                image = load_rgb(path)
             except Exception as error:  # noqa: BLE001 - any decoding failure means "skip this file"
                 warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
                 continue
             return (self.transform(image) if self.transform else image), label
         raise RuntimeError(f"no readable image among the {len(self.samples)} files")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB. 16-bit greyscale (PIL modes ``I;16*`` and ``I``, as 16-bit PNGs
+    open) is scaled to 8 bits: PIL's own ``convert("RGB")`` clips every value above 255, so such an
+    image would load almost all white."""
+    with Image.open(path) as image:
+        if image.mode.startswith("I;16") or image.mode == "I":
+            pixels = np.asarray(image).astype(np.float64) / 257  # 65535 -> 255
+            return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return image.convert("RGB")
 
 
 def _require_folder(path: str, what: str) -> None:
@@ -254,6 +265,7 @@ class LabelledImages(Dataset):
             self.classes, class_to_idx = find_classes(root)
         except FileNotFoundError as error:  # torchvision's words for "no class folder"
             raise ValueError(f"{root!r}: {error}") from None
+        not_a_segmentation_split(root, self.classes, "the folder")
         walk = UniqueFiles(root)  # a link loop or a linked copy counts each image once
         per_class = {c: walk.images(os.path.join(root, c)) for c in self.classes}
         empty = [c for c, paths in per_class.items() if not paths]
@@ -271,7 +283,7 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = default_loader(path)
+        image = load_rgb(path)
         return (self.transform(image) if self.transform else image), label
 
 
@@ -331,7 +343,7 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int):
         image_path, mask_path = self.samples[index]
-        image = default_loader(image_path)
+        image = load_rgb(image_path)
         with Image.open(mask_path) as mask:
             mask = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
         return self.transform(image, mask) if self.transform else (image, mask)

@@ -59,3 +59,52 @@ def test_a_class_that_is_only_a_link_to_another_class_has_no_images(tmp_path):
     assert [label for _, label in ImageFiles(str(root)).samples] == [0]
     with pytest.raises(ValueError, match="Found no valid file for the classes kittens"):
         LabelledImages(str(root))
+
+
+def test_a_16_bit_png_loads_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values above 255: the image would be almost all white."""
+    levels = np.arange(0, 256, 4, dtype=np.uint16).reshape(8, 8)  # the 8-bit levels the image should show
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(levels * 257).save(tmp_path / "flat" / "deep.png")  # 16-bit PNG: level * 257 in [0, 65535]
+    with Image.open(tmp_path / "flat" / "deep.png") as written:
+        assert written.mode.startswith("I")  # really a 16-bit file
+    image, _ = ImageFiles(str(tmp_path / "flat"))[0]
+    assert image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.repeat(levels[:, :, None], 3, axis=2))
+    (tmp_path / "tree" / "grey").mkdir(parents=True)
+    Image.fromarray(levels * 257 + 100).save(tmp_path / "tree" / "grey" / "deep.png")  # rounds to the same levels
+    image, _ = LabelledImages(str(tmp_path / "tree"))[0]
+    assert np.array_equal(np.asarray(image)[:, :, 0], levels)
+
+
+def test_a_segmentation_folder_is_not_taken_for_two_classes(tmp_path, capsys):
+    """eval_knn (and train.py --eval_data_path) given images/ + masks/ splits: one error line, not 98.5 %."""
+    from eval_utils import random_vit, write_colour_segmentation, write_export
+
+    from adclr.cli import UserError, require_eval_folders
+    from adclr.eval_knn import main
+
+    for split, seed in (("train", 0), ("val", 1)):
+        write_colour_segmentation(tmp_path / "seg" / split, 2, seed=seed)
+    weights = write_export(random_vit(), tmp_path / "backbone.safetensors")
+    with pytest.raises(SystemExit) as caught:
+        main(
+            [
+                "--weights",
+                weights,
+                "--data_path",
+                str(tmp_path / "seg"),
+                "--num_workers",
+                "0",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"adclr.eval_knn: error: the folder {tmp_path / 'seg' / 'train'} holds images/ and masks/, a segmentation "
+        "folder (python -m adclr.eval_seg reads it); k-NN and the linear probe need ImageFolder trees, one "
+        "sub-folder of images per class\n"
+    )
+    with pytest.raises(UserError, match=rf"^--eval_data_path {tmp_path / 'seg' / 'train'} holds images/ and masks/"):
+        require_eval_folders(str(tmp_path / "seg"), "--eval_data_path")
