@@ -31,6 +31,7 @@ from adclr.cli import (
     parse_bool,
     require_eval_folders,
     require_folder,
+    require_package,
     require_writable_folder,
     user_errors,
 )
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             require_folder(cfg.data.data_path, "--data_path")
         if cfg.run.eval_data_path:
             require_eval_folders(cfg.run.eval_data_path, "--eval_data_path")
+        if cfg.run.tensorboard:
+            require_package("tensorboard", "--tensorboard")
         require_writable_folder(cfg.run.output_dir, "--output_dir")
         train(cfg, flags, chosen_preset=preset is not None)
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import BRANCHES, load_backbone
+from .cli import INTERRUPTED
 from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticShapes, check_same_classes
 from .export import load_exported
 from .files import atomic_write
@@ -328,6 +329,8 @@ def run_command(parser: argparse.ArgumentParser, argv, body: Callable[[argparse.
         body(args)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(INTERRUPTED, "interrupted (Ctrl-C)\n")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -297,19 +297,26 @@ def test_the_readme_test_command_is_what_ci_runs():
 
 
 def test_eval_folders_are_checked_before_training(tmp_path):
-    """--eval_data_path: train/ and val/ with the same, non-empty class folders, or one clear UserError."""
+    """--eval_data_path: train/ and val/ with the same, non-empty class folders of readable images, or one clear
+    UserError."""
     from adclr.cli import UserError, require_eval_folders
 
     for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog"))):
         for name in classes:
             (tmp_path / split / name).mkdir(parents=True)
-            (tmp_path / split / name / "0.png").write_bytes(b"")
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image, not listed: no reason to refuse")
     require_eval_folders(str(tmp_path), "--eval_data_path")
+    bad = tmp_path / "train" / "cat" / "1.png"
+    bad.write_bytes(b"not a png")  # found now, not after training
+    with pytest.raises(UserError, match=rf"^--eval_data_path: {bad} is not an image \(cannot identify image file"):
+        require_eval_folders(str(tmp_path), "--eval_data_path")
+    bad.unlink()
     (tmp_path / "val" / "dog" / "0.png").unlink()
     with pytest.raises(UserError, match=r"val/dog holds no file"):
         require_eval_folders(str(tmp_path), "--eval_data_path")
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
-    (tmp_path / "val" / "bird" / "0.png").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "bird" / "0.png")
     with pytest.raises(UserError, match=r"only in train: \['dog'\], only in val: \['bird'\]"):
         require_eval_folders(str(tmp_path), "--eval_data_path")
     with pytest.raises(UserError, match="has no train/ folder"):
