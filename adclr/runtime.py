@@ -54,7 +54,7 @@ def configure_threads(num_workers: int, env=os.environ) -> str:
     torch.set_num_threads(threads)
     return (
         f"intra-op threads: {threads} ({why}); a seeded run's numbers depend on this count "
-        f"(set {THREADS_ENV} to fix it), not on --num_workers or the machine's load"
+        f"(set {THREADS_ENV} to fix it), not on the machine's load or on which worker loads an image"
     )
 
 
