@@ -32,6 +32,7 @@ from adclr.cli import (
     parse_bool,
     require_eval_folders,
     require_folder,
+    require_package,
     require_writable_folder,
     user_errors,
 )
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
             require_folder(cfg.data.data_path, "--data_path")
         if cfg.run.eval_data_path:
             require_eval_folders(cfg.run.eval_data_path, "--eval_data_path")
+        if cfg.run.tensorboard:
+            require_package("tensorboard", "--tensorboard")
         require_writable_folder(cfg.run.output_dir, "--output_dir")
         train(cfg, flags, chosen_preset=preset is not None)
 
@@ -176,6 +179,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     from adclr.data import ImageFiles, SyntheticScenes, collate_multicrop
     from adclr.files import atomic_write
     from adclr.kernels import interpreter_enabled
+    from adclr.lock import hold_output_dir
+    from adclr.runtime import SeededItems, configure_threads
     from adclr.training import init_distributed, seed_everything
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,6 +197,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     log("config: " + json.dumps(cfg.to_dict()))
     for note in notes:
         log(f"note: {note}")
+    log(configure_threads(cfg.data.num_workers))
 
     # ---- data: multi-crop views + query crops of every image -------------------------------------
     data = cfg.data
@@ -212,6 +218,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     else:
         dataset = SyntheticScenes(data.builtin_train_size, data.global_size, "train", cfg.run.seed, augmentation)
         dataset.precompute()  # before the loader forks its workers: they share the scenes
+    dataset = SeededItems(dataset, cfg.run.seed)  # each image's crops from (seed, epoch, index): any --num_workers
     sampler = DistributedSampler(
         dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg.run.seed, drop_last=True
     )
@@ -234,6 +241,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
             "lower --batch_size_per_gpu"
         )
     os.makedirs(cfg.run.output_dir, exist_ok=True)
+    for note in hold_output_dir(cfg.run.output_dir) if main_process else []:  # one run per folder
+        log(f"note: {note}")
 
     # ---- student, teacher (EMA of the student), loss, optimizer; per-iteration schedules -----------
     state = engine.build_train_state(cfg, device, distributed=dist_info.enabled)
@@ -314,6 +323,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     for epoch in range(start_epoch, epochs):
         seed_everything(cfg.run.seed + 1000 * epoch + dist_info.rank)  # augmentations, drop-path: resumable
         sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         state.student.train()
         sums = dict.fromkeys(engine.StepLosses.__dataclass_fields__, 0.0)
         skipped = 0

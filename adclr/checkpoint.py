@@ -88,10 +88,23 @@ def save_checkpoint(
     save_atomic(payload, path)
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (a full disk, a quota, a file-size limit); the old file is kept."""
+
+
 def save_atomic(payload: dict, path: str) -> None:
-    """``torch.save`` ``payload`` to ``path`` with ``adclr.files.atomic_write``: never a torn file, the user's umask."""
-    with atomic_write(path) as f:
-        torch.save(payload, f)
+    """``torch.save`` ``payload`` to ``path`` with ``adclr.files.atomic_write``: never a torn file, the user's umask.
+
+    A failed write (torch reports a full disk as a ``RuntimeError`` from its zip writer, chained to the
+    ``OSError``) raises one ``CheckpointWriteError`` naming the file and the system's reason."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(payload, f)
+    except (OSError, RuntimeError) as error:
+        cause = next((e for e in (error, error.__cause__, error.__context__) if isinstance(e, OSError)), None)
+        reason = cause.strerror if cause is not None and cause.strerror else str(error).strip().splitlines()[0]
+        kept = "the previous file there is kept" if os.path.exists(path) else "nothing was written there"
+        raise CheckpointWriteError(f"cannot write {path}: {reason} ({kept})") from None
 
 
 def load_checkpoint(path: str) -> Checkpoint:

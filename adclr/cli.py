@@ -41,9 +41,13 @@ def debugging(debug: bool = False) -> bool:
     return debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+
+
 @contextlib.contextmanager
 def user_errors(debug: bool = False):
-    """Run the block; a ``UserError`` prints ``error: <message>`` and exits 2 (re-raised when debugging)."""
+    """Run the block; a ``UserError`` prints ``error: <message>`` and exits 2, Ctrl-C prints one line and
+    exits 130 (both re-raised when debugging)."""
     try:
         yield
     except UserError as error:
@@ -51,6 +55,21 @@ def user_errors(debug: bool = False):
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if debugging(debug):
+            raise
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED) from None
+
+
+def require_package(name: str, flag: str) -> None:
+    """``flag`` needs the optional package ``name``: refuse it at start-up rather than fail mid-run."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{flag} needs the {name} package, which is not installed: pip install {name}") from None
 
 
 def check_device(cfg, device_type: str, capability: tuple[int, int] | None, interpreter: bool) -> list[str]:
@@ -82,6 +101,19 @@ def check_device(cfg, device_type: str, capability: tuple[int, int] | None, inte
     return []
 
 
+SEGMENTATION_LAYOUT = {"images", "masks"}  # the sub-folders of a segmentation split (adclr.data.SegmentationFolder)
+
+
+def not_a_segmentation_split(folder: str, classes, flag: str) -> None:
+    """Refuse ``folder`` as an ImageFolder tree when its only "classes" are ``images`` and ``masks``: a
+    k-NN would take them for two classes and score near 100 %."""
+    if set(classes) == SEGMENTATION_LAYOUT:
+        raise UserError(
+            f"{flag} {folder} holds images/ and masks/, a segmentation folder (python -m adclr.eval_seg reads it); "
+            "k-NN and the linear probe need ImageFolder trees, one sub-folder of images per class"
+        )
+
+
 def require_folder(path: str, flag: str) -> None:
     """``path`` (given as ``flag``) must be an existing folder."""
     if not os.path.exists(path):
@@ -100,6 +132,7 @@ def require_eval_folders(path: str, flag: str) -> None:
         if not os.path.isdir(folder):
             raise UserError(f"{flag} {path} has no {split}/ folder; expected train/ and val/ ImageFolder trees")
         classes.append({entry.name for entry in os.scandir(folder) if entry.is_dir()})
+        not_a_segmentation_split(folder, classes[-1], flag)
         if not classes[-1]:
             raise UserError(f"{flag} {folder} has no class sub-folders (ImageFolder layout: <class>/<image>)")
         for name in sorted(classes[-1]):
@@ -112,6 +145,31 @@ def require_eval_folders(path: str, flag: str) -> None:
             f"{flag} {path}: train/ and val/ must have the same class folders; "
             f"only in train: {only_train or 'none'}, only in val: {only_val or 'none'}"
         )
+    _require_readable_images(path, flag)
+
+
+def _require_readable_images(path: str, flag: str, limit: int = 10_000) -> None:
+    """Every image file (by extension, as the evaluation lists them) of ``path``'s class folders must read
+    as an image (its header: about 0.2 ms a file) when they hold at most ``limit`` files: the evaluation
+    scores every image, and a bad one found after training would stop the run there. Larger folders
+    are read when evaluated."""
+    from PIL import Image  # only here: the checks above answer before any heavy import
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files = []
+    for split in ("train", "val"):
+        for entry in sorted(os.scandir(os.path.join(path, split)), key=lambda e: e.name):
+            if entry.is_dir():
+                for root, _, names in os.walk(entry.path, followlinks=True):
+                    files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+            if len(files) > limit:
+                return
+    for file in files:
+        try:
+            with Image.open(file):
+                pass
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for a file that is no image
+            raise UserError(f"{flag}: {file} is not an image ({error}); the evaluation scores every file") from None
 
 
 def require_writable_folder(path: str, flag: str) -> None:

@@ -132,10 +132,12 @@ _COUNT = Bounds(integer=True, low=0)
 _POSITIVE_INT = Bounds(integer=True, low=1)
 _NON_NEGATIVE = Bounds(integer=False, low=0)
 _POSITIVE = Bounds(integer=False, low=0, low_open=True)
+# A teacher temperature sharpens (DINO: 0.04 to 0.07, below the student's 0.1); above 1 it only flattens.
+_TEMPERATURE = Bounds(integer=False, low=0, high=1, low_open=True)
 _AREA = Bounds(integer=False, low=0, high=1, low_open=True)  # either end of a crop's (min, max) area range
 BOUNDS: dict[str, Bounds] = {
     "patch_size": _POSITIVE_INT,
-    "out_dim": _POSITIVE_INT,
+    "out_dim": Bounds(integer=True, low=2),  # a softmax over one output is 1: the loss would be exactly 0
     "head_hidden_dim": _POSITIVE_INT,
     "head_bottleneck_dim": _POSITIVE_INT,
     "drop_path_rate": Bounds(integer=False, low=0, high=1, high_open=True),
@@ -150,9 +152,9 @@ BOUNDS: dict[str, Bounds] = {
     "builtin_train_size": Bounds(integer=True, low=4),
     "builtin_test_size": Bounds(integer=True, low=2),
     "num_workers": _COUNT,
-    "momentum_teacher": Bounds(integer=False, low=0, high=1),
-    "teacher_temp": _POSITIVE,
-    "warmup_teacher_temp": _POSITIVE,
+    "momentum_teacher": Bounds(integer=False, low=0, high=1, high_open=True),  # 1: the teacher never moves
+    "teacher_temp": _TEMPERATURE,
+    "warmup_teacher_temp": _TEMPERATURE,
     "warmup_teacher_temp_epochs": _COUNT,
     "lambda_query": _NON_NEGATIVE,
     "epochs": _POSITIVE_INT,
@@ -325,6 +327,16 @@ class TrainConfig:
         for name, size in sizes.items():
             if size % patch:  # timm's patch embedding takes whole patches only
                 raise ConfigError(name, f"must be a multiple of the patch size ({patch}), got {size}")
+        if self.data.local_crops_number and self.data.local_size > self.data.global_size:
+            global_size = self.data.global_size
+            raise ConfigError(
+                "local_size",
+                f"must be at most the global crops' size (--global_size {global_size}), got {self.data.local_size}",
+            )
+        if self.optim.min_lr > self.optim.lr:  # the cosine would rise from the peak to its "minimum"
+            raise ConfigError(
+                "min_lr", f"must be at most the peak learning rate (--lr {self.optim.lr}), got {self.optim.min_lr}"
+            )
 
     @property
     def arch(self) -> str:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from .cli import UserError
+from .cli import UserError, not_a_segmentation_split
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "bar")
 SEGMENTATION_CLASSES = ("background", *SHAPES)  # mask value c is SEGMENTATION_CLASSES[c]
@@ -174,6 +174,60 @@ class DataError(UserError):
     """A data folder that cannot be trained on: missing, not a folder, or without readable images."""
 
 
+class UniqueFiles:
+    """Image files under folders of one tree, each real folder visited once and each real file listed once.
+
+    Symbolic links are followed (datasets are often assembled from links), but a link back to a folder
+    already visited (a loop, which ``os.walk`` would follow until paths grow too long) or a second link
+    to a folder or file already seen is passed over: every image counts once. ``root`` counts as
+    visited. Paths come in sorted order, as torchvision's ``make_dataset`` lists them.
+    """
+
+    def __init__(self, root: str):
+        self.folders = {_identity(root)}
+        self.files: set[tuple[int, int]] = set()
+
+    def images(self, folder: str, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[str]:
+        """The image files under ``folder`` (recursively) not listed before; none if ``folder`` was visited."""
+        found = []
+        for current, dirs, files in os.walk(folder, followlinks=True):
+            identity = _identity(current)
+            if identity in self.folders:
+                dirs[:] = []
+                continue
+            self.folders.add(identity)
+            dirs.sort()
+            for name in sorted(files):
+                if not name.lower().endswith(extensions):
+                    continue
+                path = os.path.join(current, name)
+                try:
+                    identity = _identity(path)
+                except OSError:  # a dangling link
+                    continue
+                if identity not in self.files:
+                    self.files.add(identity)
+                    found.append((current, name, path))
+        return [path for *_, path in sorted(found)]
+
+
+def class_folders(root: str) -> list[str]:
+    """The sub-folders of ``root``, sorted, less links to ``root`` itself or to a folder above it (they hold
+    no class of their own: a flat folder with a link to its parent stays a flat folder)."""
+    real_root = os.path.realpath(root)
+    return sorted(
+        entry.name
+        for entry in os.scandir(root)
+        if entry.is_dir() and not (real_root + os.sep).startswith(os.path.realpath(entry.path).rstrip(os.sep) + os.sep)
+    )
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """(device, inode) of what ``path`` points to: the same for every link to it."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
 class ImageFiles(Dataset):
     """Images under ``root``: an ImageFolder tree (labels from folder names) or a flat folder (label -1).
 
@@ -190,12 +244,11 @@ class ImageFiles(Dataset):
             raise DataError(f"data_path {root} does not exist")
         if not os.path.isdir(root):
             raise DataError(f"data_path {root} is a file; it must be a folder of images or an ImageFolder tree")
-        subdirs = [d for d in os.scandir(root) if d.is_dir()]
-        if subdirs:
-            self.classes, class_to_idx = find_classes(root)
-            self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        self.classes = class_folders(root)
+        if self.classes:
+            walk = UniqueFiles(root)  # a link loop or a linked copy counts each image once
+            self.samples = [(p, i) for i, c in enumerate(self.classes) for p in walk.images(os.path.join(root, c))]
         else:
-            self.classes = []
             names = sorted(f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS))
             self.samples = [(os.path.join(root, f), -1) for f in names]
         if not self.samples:
@@ -230,12 +283,23 @@ class ImageFiles(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                image = default_loader(path)
+                image = load_rgb(path)
             except Exception as error:  # noqa: BLE001 - any decoding failure means "skip this file"
                 warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
                 continue
             return (self.transform(image) if self.transform else image), label
         raise RuntimeError(f"no readable image among the {len(self.samples)} files")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB. 16-bit greyscale (PIL modes ``I;16*`` and ``I``, as 16-bit PNGs
+    open) is scaled to 8 bits: PIL's own ``convert("RGB")`` clips every value above 255, so such an
+    image would load almost all white."""
+    with Image.open(path) as image:
+        if image.mode.startswith("I;16") or image.mode == "I":
+            pixels = np.asarray(image).astype(np.float64) / 257  # 65535 -> 255
+            return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return image.convert("RGB")
 
 
 def _require_folder(path: str, what: str) -> None:
@@ -254,9 +318,18 @@ class LabelledImages(Dataset):
         _require_folder(root, "an ImageFolder tree (one sub-folder of images per class)")
         try:
             self.classes, class_to_idx = find_classes(root)
-            self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-        except FileNotFoundError as error:  # torchvision's words for "no class folder" / "a class without images"
+        except FileNotFoundError as error:  # torchvision's words for "no class folder"
             raise ValueError(f"{root!r}: {error}") from None
+        not_a_segmentation_split(root, self.classes, "the folder")
+        walk = UniqueFiles(root)  # a link loop or a linked copy counts each image once
+        per_class = {c: walk.images(os.path.join(root, c)) for c in self.classes}
+        empty = [c for c, paths in per_class.items() if not paths]
+        if empty:
+            raise ValueError(
+                f"{root!r}: Found no valid file for the classes {', '.join(empty)}. "
+                f"Supported extensions are: {', '.join(IMG_EXTENSIONS)}"
+            )
+        self.samples = [(path, class_to_idx[c]) for c, paths in per_class.items() for path in paths]
         self.targets = [label for _, label in self.samples]
         self.transform = transform
 
@@ -265,7 +338,7 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = default_loader(path)
+        image = load_rgb(path)
         return (self.transform(image) if self.transform else image), label
 
 
@@ -325,7 +398,7 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int):
         image_path, mask_path = self.samples[index]
-        image = default_loader(image_path)
+        image = load_rgb(image_path)
         with Image.open(mask_path) as mask:
             mask = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
         return self.transform(image, mask) if self.transform else (image, mask)

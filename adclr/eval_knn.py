@@ -25,6 +25,7 @@ from .evaluate import (
     FrozenBackbone,
     add_common_arguments,
     backbone_description,
+    check_image_size,
     eval_transform,
     extract_features,
     load_frozen_backbone,
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> dict | None:
     train_set, val_set = LabelledImages(train_dir, transform), LabelledImages(val_dir, transform)
     check_same_classes(train_set.classes, val_set.classes)
     backbone = load_frozen_backbone(args.weights, args.which, args.arch)
+    check_image_size(backbone, args.image_size)
     device, dist_info = setup_device()
     results = knn_evaluate(
         backbone.to(device),

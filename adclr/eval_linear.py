@@ -37,6 +37,7 @@ from .evaluate import (
     add_common_arguments,
     autocast,
     backbone_description,
+    check_image_size,
     eval_transform,
     load_frozen_backbone,
     positive,
@@ -278,6 +279,7 @@ def run(args: argparse.Namespace) -> dict | None:
     val_set = LabelledImages(val_dir, eval_transform(args.image_size, args.resize_size))
     check_same_classes(train_set.classes, val_set.classes)
     backbone = load_frozen_backbone(args.weights, args.which, args.arch)
+    check_image_size(backbone, args.image_size)
     n_last_blocks, avgpool = default_probe_features(backbone)
     n_last_blocks = args.n_last_blocks or n_last_blocks
     avgpool = avgpool if args.avgpool_patchtokens is None else args.avgpool_patchtokens

@@ -40,6 +40,7 @@ from .evaluate import (
     add_common_arguments,
     autocast,
     backbone_description,
+    check_image_size,
     extract_features,
     load_frozen_backbone,
     positive,
@@ -327,6 +328,7 @@ def run(args: argparse.Namespace) -> dict | None:
     val_set = SegmentationFolder(val_dir, seg_transform(args.image_size))
     positive("pictures", args.pictures, minimum=0)
     backbone = load_frozen_backbone(args.weights, args.which, args.arch)
+    check_image_size(backbone, args.image_size)
     device, dist_info = setup_device()
     head, num_classes, grid, backbone, val_set, options = train_seg_head(
         backbone.to(device),

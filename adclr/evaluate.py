@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import BRANCHES, load_backbone
+from .cli import INTERRUPTED
 from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticScenes, check_same_classes
 from .export import load_exported
 from .files import atomic_write
@@ -277,6 +278,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, image_size: int, batch
     data.add_argument("--seed", type=int, default=0)
 
 
+def check_image_size(backbone: FrozenBackbone, image_size: int, flag: str = "--image_size") -> None:
+    """Refuse an input side that is not whole patches of ``backbone`` (timm would assert deep inside)."""
+    patch = backbone.patch_size
+    if image_size % patch:
+        below, above = image_size - image_size % patch, image_size - image_size % patch + patch
+        nearest = f"{below} or {above}" if below else str(above)
+        raise ValueError(f"{flag} {image_size} must be a multiple of the backbone's patch size {patch}, e.g. {nearest}")
+
+
 def positive(name: str, value, minimum=1) -> None:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
@@ -319,6 +329,8 @@ def run_command(parser: argparse.ArgumentParser, argv, body: Callable[[argparse.
         body(args)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(INTERRUPTED, "interrupted (Ctrl-C)\n")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

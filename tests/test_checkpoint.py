@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import errno
 import os
 import stat
 
@@ -13,6 +14,7 @@ from engine_utils import CPU, SETTINGS, assert_same, batch, snapshot, tiny_confi
 from adclr import checkpoint, engine
 from adclr.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     find_resumable,
     load_backbone,
@@ -90,10 +92,11 @@ def test_written_atomically_with_the_users_permissions(tmp_path, trained, monkey
     before = path.read_bytes()
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    message = f"^cannot write {path}: No space left on device \\(the previous file there is kept\\)$"
+    with pytest.raises(CheckpointWriteError, match=message):
         save_checkpoint(str(path), state, config, 2, [])
     assert path.read_bytes() == before  # the previous checkpoint is intact
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # and no temporary file is left behind

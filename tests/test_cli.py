@@ -57,9 +57,17 @@ def test_help_answers_before_torch_is_imported(tmp_path):
         (["--lambda_query", "-5"], "argument --lambda_query: must be a number >= 0, got '-5'"),
         (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
         (["--batch_size_per_gpu", "0"], "argument --batch_size_per_gpu: must be an integer >= 1, got '0'"),
-        (["--teacher_temp", "nan"], "argument --teacher_temp: must be a number > 0, got 'nan'"),
+        (["--teacher_temp", "nan"], "argument --teacher_temp: must be a number in (0, 1], got 'nan'"),
         (["--lr", "inf"], "argument --lr: must be a number >= 0, got 'inf'"),
-        (["--momentum_teacher", "1.01"], "argument --momentum_teacher: must be a number in [0, 1], got '1.01'"),
+        (["--momentum_teacher", "1.01"], "argument --momentum_teacher: must be a number in [0, 1), got '1.01'"),
+        (["--momentum_teacher", "1"], "argument --momentum_teacher: must be a number in [0, 1), got '1'"),
+        (["--out_dim", "1"], "argument --out_dim: must be an integer >= 2, got '1'"),
+        (["--teacher_temp", "100"], "argument --teacher_temp: must be a number in (0, 1], got '100'"),
+        (
+            ["--local_size", "48"],
+            "argument --local_size: must be at most the global crops' size (--global_size 32), got 48",
+        ),
+        (["--min_lr", "0.01"], "argument --min_lr: must be at most the peak learning rate (--lr 0.004), got 0.01"),
         (["--query_scale", "0", "0.1"], "argument --query_scale: must be a number in (0, 1], got '0'"),
         (["--query_scale", "0.3", "0.1"], "argument --query_scale: must be (min, max) with min <= max, got (0.3, 0.1)"),
         (["--global_size", "36"], "argument --global_size: must be a multiple of the patch size (8), got 36"),
@@ -289,19 +297,26 @@ def test_the_readme_test_command_is_what_ci_runs():
 
 
 def test_eval_folders_are_checked_before_training(tmp_path):
-    """--eval_data_path: train/ and val/ with the same, non-empty class folders, or one clear UserError."""
+    """--eval_data_path: train/ and val/ with the same, non-empty class folders of readable images, or one clear
+    UserError."""
     from adclr.cli import UserError, require_eval_folders
 
     for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog"))):
         for name in classes:
             (tmp_path / split / name).mkdir(parents=True)
-            (tmp_path / split / name / "0.png").write_bytes(b"")
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image, not listed: no reason to refuse")
     require_eval_folders(str(tmp_path), "--eval_data_path")
+    bad = tmp_path / "train" / "cat" / "1.png"
+    bad.write_bytes(b"not a png")  # found now, not after training
+    with pytest.raises(UserError, match=rf"^--eval_data_path: {bad} is not an image \(cannot identify image file"):
+        require_eval_folders(str(tmp_path), "--eval_data_path")
+    bad.unlink()
     (tmp_path / "val" / "dog" / "0.png").unlink()
     with pytest.raises(UserError, match=r"val/dog holds no file"):
         require_eval_folders(str(tmp_path), "--eval_data_path")
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
-    (tmp_path / "val" / "bird" / "0.png").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "bird" / "0.png")
     with pytest.raises(UserError, match=r"only in train: \['dog'\], only in val: \['bird'\]"):
         require_eval_folders(str(tmp_path), "--eval_data_path")
     with pytest.raises(UserError, match="has no train/ folder"):

@@ -137,3 +137,30 @@ def test_evaluate_backbone_is_seeded_and_leaves_the_caller_alone(tmp_path):
     assert on_folder == {"knn_top1": first["knn_top1"], "knn_top5": first["knn_top5"]}
     with pytest.raises(ValueError, match="is not a folder"):
         evaluate_backbone(model, EvalConfig(data_path=str(tmp_path / "missing")), CPU)
+
+
+@pytest.mark.parametrize("command", ["eval_knn", "eval_linear", "eval_seg"])
+def test_an_image_size_that_is_not_whole_patches_is_refused_in_one_line(tmp_path, capsys, command):
+    """--image_size 28 on a patch-8 backbone: one error line naming the flag and the sizes that fit, exit
+    status 2, before any feature is extracted (timm would end in an AssertionError deep inside)."""
+    import importlib
+
+    from eval_utils import write_colour_classes, write_colour_segmentation
+
+    data = tmp_path / "data"
+    for split, seed in (("train", 0), ("val", 1)):
+        if command == "eval_seg":
+            write_colour_segmentation(data / split, 2, seed=seed)
+        else:
+            write_colour_classes(data / split, 2, seed=seed)
+    weights = write_export(random_vit(), tmp_path / "backbone.safetensors")
+    main = importlib.import_module(f"adclr.{command}").main
+    args = ["--weights", weights, "--data_path", str(data), "--num_workers", "0", "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as caught:
+        main([*args, "--image_size", "28"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"adclr.{command}: error: --image_size 28 must be a multiple of the backbone's patch size {PATCH}, "
+        "e.g. 24 or 32\n"
+    )
+    assert not any(name.endswith(".json") for name in os.listdir(tmp_path))

@@ -177,4 +177,4 @@ def test_image_size_must_be_a_multiple_of_the_patch(tmp_path, capsys):
     weights = write_export(random_vit(), tmp_path / "backbone.safetensors")
     with pytest.raises(SystemExit):
         main(["--weights", weights, "--data_path", str(tmp_path / "data"), "--image_size", "36", "--num_workers", "0"])
-    assert "image_size 36 must be a multiple of the patch size 8" in capsys.readouterr().err
+    assert "--image_size 36 must be a multiple of the backbone's patch size 8, e.g. 32 or 40" in capsys.readouterr().err

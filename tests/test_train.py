@@ -15,6 +15,7 @@ import torch
 from engine_utils import assert_same
 
 from adclr.checkpoint import load_backbone, load_checkpoint
+from adclr.lock import LOCK_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -102,6 +103,14 @@ def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+def written(run_dir):
+    """The files a run left in ``run_dir``, its lock file aside (released: emptied, as any exit but a kill leaves)."""
+    names = sorted(os.listdir(run_dir))
+    if LOCK_NAME in names:
+        assert (run_dir / LOCK_NAME).read_text() == "", "the lock was not released"
+    return [name for name in names if name != LOCK_NAME]
+
+
 def log_records(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -133,6 +142,18 @@ def test_entry_point_trains_checkpoints_and_evaluates(two_epochs):
     assert raw["history"] == records
     assert raw["config"]["optim"]["epochs"] == 2 and raw["config"]["run"]["output_dir"] == str(run_dir)
     assert load_checkpoint(str(run_dir / "checkpoint0001.pth")).epoch == 1
+
+
+def test_loader_workers_do_not_change_the_run(two_epochs, tmp_path):
+    """Each image's crops come from (seed, epoch, index): two loader workers train exactly as the main
+    process alone does (same losses, same teacher), at the same intra-op thread count (reported)."""
+    result, run_dir = two_epochs
+    assert "intra-op threads: 1 (OMP_NUM_THREADS=1)" in result.stdout
+    workers = train(tmp_path / "run", "--epochs", "2", "--num_workers", "2")
+    assert workers.returncode == 0, workers.stderr[-3000:]
+    assert without_speed(log_records(tmp_path / "run")) == without_speed(log_records(run_dir))
+    teachers = [torch.load(d / "checkpoint.pth", weights_only=True)["teacher"] for d in (run_dir, tmp_path / "run")]
+    assert_same(*teachers)
 
 
 def test_resume_from_a_corrupt_checkpoint_reproduces_the_uninterrupted_run(two_epochs, tmp_path):
@@ -196,7 +217,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(two_epochs, tmp_pat
         f"Loss is nan at epoch 3, iteration 0; stopping training (the last good checkpoint is {checkpoint})."
     )
     assert digest(checkpoint) == before
-    assert sorted(os.listdir(run_dir)) == ["checkpoint.pth", "log.jsonl"]
+    assert written(run_dir) == ["checkpoint.pth", "log.jsonl"]
     assert log_records(run_dir) == load_checkpoint(str(checkpoint)).history  # restored from the checkpoint
 
 
@@ -211,7 +232,7 @@ def test_a_gradient_scaler_that_skips_every_step_stops_the_run(tmp_path):
         "loss scale now 6.1e-05) at epoch 1, iteration 29; stopping training (no checkpoint was written yet). "
         "Try --precision bf16 or fp32, or a lower --lr."
     )
-    assert os.listdir(run_dir) == []
+    assert written(run_dir) == []
 
 
 def test_torchrun_on_two_cpu_processes(tmp_path):
@@ -235,7 +256,7 @@ def test_an_unreadable_checkpoint_without_a_fallback_stops_the_run_in_one_line(t
         f"error: cannot resume: {run_dir / 'checkpoint.pth'} cannot be read as a checkpoint"
     )
     assert "there is no numbered checkpoint" in result.stderr
-    assert os.listdir(run_dir) == ["checkpoint.pth"]  # left where it was: the next rerun stops the same way
+    assert written(run_dir) == ["checkpoint.pth"]  # left where it was: the next rerun stops the same way
     assert (run_dir / "checkpoint.pth").read_bytes() == b"half a checkpoint"
 
 
