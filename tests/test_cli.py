@@ -64,14 +64,14 @@ def test_help_answers_before_torch_is_imported(tmp_path):
         (["--out_dim", "1"], "argument --out_dim: must be an integer >= 2, got '1'"),
         (["--teacher_temp", "100"], "argument --teacher_temp: must be a number in (0, 1], got '100'"),
         (
-            ["--local_size", "48"],
-            "argument --local_size: must be at most the global crops' size (--global_size 32), got 48",
+            ["--local_size", "56"],
+            "argument --local_size: must be at most the global crops' size (--global_size 48), got 56",
         ),
-        (["--min_lr", "0.01"], "argument --min_lr: must be at most the peak learning rate (--lr 0.004), got 0.01"),
+        (["--min_lr", "0.01"], "argument --min_lr: must be at most the peak learning rate (--lr 0.002), got 0.01"),
         (["--query_scale", "0", "0.1"], "argument --query_scale: must be a number in (0, 1], got '0'"),
         (["--query_scale", "0.3", "0.1"], "argument --query_scale: must be (min, max) with min <= max, got (0.3, 0.1)"),
         (["--global_size", "36"], "argument --global_size: must be a multiple of the patch size (8), got 36"),
-        (["--patch_size", "12"], "argument --global_size: must be a multiple of the patch size (12), got 32"),
+        (["--patch_size", "10"], "argument --global_size: must be a multiple of the patch size (10), got 48"),
         (["--query_keys", "bogus"], "argument --query_keys: invalid choice: 'bogus'"),
     ],
 )

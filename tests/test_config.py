@@ -109,7 +109,7 @@ def test_help_and_readme_list_every_preset_value():
         (dict(momentum_teacher=1.0), "momentum_teacher", r"must be a number in \[0, 1\), got 1.0"),
         (dict(out_dim=1), "out_dim", "must be an integer >= 2, got 1"),
         (dict(teacher_temp=100.0), "teacher_temp", r"must be a number in \(0, 1\], got 100.0"),
-        (dict(local_size=48), "local_size", r"must be at most the global crops' size \(--global_size 32\), got 48"),
+        (dict(local_size=56), "local_size", r"must be at most the global crops' size \(--global_size 48\), got 56"),
         (dict(lr=1e-3, min_lr=2e-3), "min_lr", r"must be at most the peak learning rate \(--lr 0.001\), got 0.002"),
         (dict(drop_path_rate=1.0), "drop_path_rate", r"must be a number in \[0, 1\), got 1.0"),
         (dict(query_scale=(0.2, 0.1)), "query_scale", r"must be \(min, max\) with min <= max, got \(0.2, 0.1\)"),
