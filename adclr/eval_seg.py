@@ -127,11 +127,15 @@ def _logits(head: nn.Module, patches: torch.Tensor, grid: tuple[int, int]) -> to
     return head(patches.float()).transpose(1, 2).unflatten(2, grid)
 
 
-def seg_probe(*args, **kwargs) -> dict:
+def seg_probe(*args, pictures: int = 0, **kwargs) -> dict:
     """Train the linear head on ``train_set`` and score it on ``val_set`` (arguments of ``train_seg_head``):
-    ``iou_from_confusion``'s metrics plus ``num_classes``."""
+    ``iou_from_confusion``'s metrics plus ``num_classes``, and with ``pictures`` > 0 ``seg_pictures``' image
+    of that many val items under ``"pictures"``."""
     head, num_classes, grid, backbone, val_set, options = train_seg_head(*args, **kwargs)
-    return score_seg_probe(backbone, head, val_set, num_classes, grid, **options)
+    results = score_seg_probe(backbone, head, val_set, num_classes, grid, **options)
+    if pictures:
+        results["pictures"] = seg_pictures(backbone, head, val_set, pictures, grid, options["device"])
+    return results
 
 
 def train_seg_head(
@@ -330,7 +334,7 @@ def run(args: argparse.Namespace) -> dict | None:
     backbone = load_frozen_backbone(args.weights, args.which, args.arch)
     check_image_size(backbone, args.image_size)
     device, dist_info = setup_device()
-    head, num_classes, grid, backbone, val_set, options = train_seg_head(
+    results = seg_probe(
         backbone.to(device),
         train_set,
         val_set,
@@ -342,15 +346,15 @@ def run(args: argparse.Namespace) -> dict | None:
         num_workers=args.num_workers,
         dist_info=dist_info,
         seed=args.seed,
+        pictures=args.pictures,
     )
-    results = score_seg_probe(backbone, head, val_set, num_classes, grid, **options)
+    pictures = results.pop("pictures", None)
     if not dist_info.is_main:
         return None
-    if args.pictures:
-        picture_path = os.path.join(args.output_dir, "seg_pictures.png")
+    if pictures is not None:
         os.makedirs(args.output_dir, exist_ok=True)
-        with atomic_write(picture_path, "wb") as f:
-            seg_pictures(backbone, head, val_set, args.pictures, grid, device).save(f, format="PNG")
+        with atomic_write(os.path.join(args.output_dir, "seg_pictures.png"), "wb") as f:
+            pictures.save(f, format="PNG")
     report = {
         "protocol": "linear segmentation probe on frozen patch tokens",
         "backbone": backbone_description(args),

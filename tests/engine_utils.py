@@ -15,6 +15,7 @@ CPU = torch.device("cpu")
 def tiny_config(**overrides) -> TrainConfig:
     """The built-in preset shrunk to a few milliseconds per step on a CPU (``overrides`` win)."""
     values = dict(
+        global_size=32,  # a 4 x 4 patch grid: the tests need no more than the preset's 6 x 6
         out_dim=32,
         head_hidden_dim=32,
         head_bottleneck_dim=8,

@@ -88,3 +88,23 @@ def test_pictures_show_image_true_mask_and_prediction_side_by_side(tmp_path):
         predicted_panel = pixels[row * SIZE : (row + 1) * SIZE, 2 * SIZE :]
         assert torch.equal(true_panel, palette[mask])
         assert (predicted_panel == palette[mask]).all(-1).float().mean() > 0.97
+
+
+def test_the_command_writes_its_pictures(tmp_path):
+    """``eval_seg --pictures 2`` on written scenes: seg_pictures.png beside eval_seg.json (which holds no picture)."""
+    import json
+
+    from eval_utils import random_vit, write_export
+
+    from adclr.data import write_scenes
+    from adclr.eval_seg import main
+
+    write_scenes(str(tmp_path / "scenes"), train_size=6, val_size=3, size=32, seed=1)
+    weights = write_export(random_vit(), tmp_path / "backbone.safetensors")
+    main(["--weights", weights, "--data_path", str(tmp_path / "scenes" / "segmentation"), "--image_size", "32",
+          "--epochs", "1", "--num_workers", "0", "--pictures", "2", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert "pictures" not in json.loads((tmp_path / "out" / "eval_seg.json").read_text())
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "seg_pictures.png") as picture:
+        assert picture.width == 3 * picture.height // 2 and picture.height >= 2 * 32
