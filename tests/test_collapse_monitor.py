@@ -91,6 +91,10 @@ def test_collapse_warnings_name_the_kind_and_the_branch():
     ln_k = math.log(256)
     healthy = {"cls_entropy": 0.3 * ln_k, "cls_batch_entropy": 0.9 * ln_k}
     assert collapse_warnings(healthy, 256) == []
+    # a short built-in run's early epochs: confident rows, a small batch using few dimensions (0.38 ln K)
+    assert collapse_warnings({"cls_entropy": 0.81, "cls_batch_entropy": 2.1}, 256) == []
+    [drifting] = collapse_warnings({"cls_entropy": 4.5, "cls_batch_entropy": 5.0}, 256)  # the former preset
+    assert "uniform" in drifting
     [uniform] = collapse_warnings({**healthy, "query_entropy": 0.95 * ln_k, "query_batch_entropy": ln_k}, 256)
     assert "query" in uniform and "uniform" in uniform and "--teacher_temp" in uniform
     [one_hot] = collapse_warnings({"cls_entropy": 0.01, "cls_batch_entropy": 0.2 * ln_k}, 256)
