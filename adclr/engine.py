@@ -304,7 +304,7 @@ def collapse_warnings(record: dict, out_dim: int) -> list[str]:
     Uniform collapse: the teacher's per-image outputs flatten (mean entropy above 0.75 ln K) and the CLS
     loss drifts up towards ln K. One-hot collapse: every image's output piles onto a few dimensions (the
     batch-mean output's entropy below 0.25 ln K: fewer than K^(1/4) dimensions used by a whole batch).
-    Healthy DINO runs of the built-in preset stay near 0.5 ln K and above 0.4 ln K respectively
+    Healthy runs of the built-in preset stay below 0.6 ln K and above 0.35 ln K respectively
     (bench/results/2026-12-05_cpu_collapse).
     """
     warnings, ln_k = [], math.log(out_dim)
