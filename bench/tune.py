@@ -5,7 +5,7 @@
     python -m bench.tune --skip_precompile                # Triton's cache is already warm
     TRITON_INTERPRET=1 python -m bench.tune --device cpu --tiny --table_dir /tmp/tiles   # smoke test
 
-1. Every candidate (forward: v1, v2 x tiles; backward: v1, fused x tiles, short x warps where L
+1. Every candidate (forward: v2 x tiles; backward: fused x tiles, short x warps where L
    fits one tile) is compiled first in a pool of processes that share Triton's on-disk cache, by
    running it once at batch 1 with the real strides (what a ViT call specialises to).
 2. Per case (shape x rule x dtype, most important first): each candidate runs once into NaN-filled
@@ -60,13 +60,13 @@ class Candidate:
 
     direction: str
     variant: str
-    tiles: plans.Tiles | None
+    tiles: plans.Tiles
 
     def label(self) -> str:
-        return self.variant if self.tiles is None else f"{self.variant} {self.tiles}"
+        return f"{self.variant} {self.tiles}"
 
     def to_json(self) -> dict:
-        return {"variant": self.variant, "tiles": None if self.tiles is None else self.tiles.to_json()}
+        return {"variant": self.variant, "tiles": self.tiles.to_json()}
 
 
 def candidates(case: Case, tiny: bool) -> list[Candidate]:
@@ -83,8 +83,7 @@ def candidates(case: Case, tiny: bool) -> list[Candidate]:
         forward = [plans.fwd_tiles(length, case.head_dim, dtype)]
         fused = [plans.fused_tiles(length, case.head_dim, dtype)]
         short = [plans.short_tiles(length, case.head_dim)]
-    out = [Candidate("fwd", "v1", None)] + [Candidate("fwd", "v2", t) for t in forward]
-    out += [Candidate("bwd", "v1", None)] + [Candidate("bwd", "fused", t) for t in fused]
+    out = [Candidate("fwd", "v2", t) for t in forward] + [Candidate("bwd", "fused", t) for t in fused]
     if plans.short_eligible(length, case.head_dim):
         out += [Candidate("bwd", "short", t) for t in short]
     return out

@@ -3,11 +3,10 @@ tables (``kernels/tiles/<gpu>.json``, written by ``python -m bench.tune``) and a
 
 A call is keyed by ``ShapeKey``: the padded head dim, a sequence-length bucket, the dtype and the mask
 kind (``full`` when every row sees every key, else the query-key rule). A ``Plan`` names the forward
-variant (``v2``; ``v1`` is the first kernel, kept for comparison) and the backward variant (``short``:
-one program per head, L <= 128; ``fused``: one launch for any L; ``v1``: three launches), each with
-its tiles. Resolution order: ``forced_plan`` (the tuner and tests) > the tuned table of this GPU >
-the built-in defaults below. A missing, unreadable or invalid table entry falls back to the defaults
-with one warning; the table is read once per process (``clear_table_cache`` forgets it).
+variant (``v2``) and the backward variant (``short``: one program per head, L <= 128; ``fused``: one
+launch for any L), each with its tiles. Resolution order: ``forced_plan`` (the tuner and tests) > the
+tuned table of this GPU > the built-in defaults below. A missing, unreadable or invalid table entry
+falls back to the defaults with one warning; the table is read once per process (``clear_table_cache`` forgets it).
 
 ``auto_backend`` is ``backend="auto"``'s choice on an sm80+ GPU: the table's measured backend for the
 key, else ``default_backend``: our kernel only where the built-in tiles were sized (ADCLR masks,
@@ -31,8 +30,8 @@ BUCKET_NAMES = tuple(str(b) for b in SEQ_BUCKETS) + ("long",)
 MASK_KINDS = ("full", "prefix+raw", "raw", "prefix+raw+self", "raw+self")
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 BLOCK_DS = (16, 32, 64, 128, 256)
-FWD_VARIANTS = ("v2", "v1")
-BWD_VARIANTS = ("short", "fused", "v1")
+FWD_VARIANTS = ("v2",)
+BWD_VARIANTS = ("short", "fused")
 SHORT_MAX_LEN = 128  # the single-pass backward holds the whole sequence in one tile...
 SHORT_MAX_TILE = 64 * 128  # ...of at most this many elements (L x D padded): beyond, it spills
 TILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles")
@@ -143,19 +142,6 @@ def short_block(seq_len: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 T = Tiles
-# v1: today's tables, by head dim only (kernels/triton_v1.py).
-V1_TILES = {
-    torch.float16: {
-        "fwd": ((64, T(128, 64, 8, 3)), (128, T(64, 64, 8, 2)), (256, T(64, 32, 8, 2))),
-        "dkdv": ((64, T(64, 64, 8, 3)), (128, T(64, 32, 8, 2)), (256, T(32, 32, 8, 2))),
-        "dq": ((64, T(64, 64, 8, 3)), (128, T(64, 32, 8, 2)), (256, T(32, 32, 8, 2))),
-    },
-    torch.float32: {  # fp32 operands: twice the bytes, and tf32x3 / FMA products need more registers
-        "fwd": ((64, T(64, 32, 4, 2)), (128, T(32, 32, 8, 2))),
-        "dkdv": ((64, T(64, 32, 8, 2)), (128, T(32, 32, 8, 2))),
-        "dq": ((64, T(32, 32, 4, 2)), (128, T(32, 32, 8, 2))),
-    },
-}
 # v2 forward: by head dim, then by sequence bucket ("*" for every bucket not listed).
 V2_FWD_TILES = {
     torch.float16: {
@@ -195,14 +181,6 @@ def _by_head_dim(table: dict, head_dim: int, what: str):
         if head_dim <= bound:
             return table[bound]
     raise ValueError(f"head dim {head_dim} exceeds the largest the {what} tile table covers")
-
-
-def v1_tiles(kind: str, head_dim: int, dtype: torch.dtype) -> Tiles:
-    """Tiles of v1 kernel ``kind`` (``fwd``, ``dkdv``, ``dq``) by head dim."""
-    for bound, tiles in V1_TILES[_half_or_fp32(dtype)][kind]:
-        if head_dim <= bound:
-            return tiles
-    raise ValueError(f"head dim {head_dim} exceeds the largest the v1 tile table covers for {dtype}")
 
 
 def fwd_tiles(seq_len: int, head_dim: int, dtype: torch.dtype) -> Tiles:
@@ -279,12 +257,7 @@ class TunedEntry:
 def _variant(obj, variants: tuple, what: str) -> tuple[str, Tiles | None]:
     if not isinstance(obj, dict) or obj.get("variant") not in variants:
         raise ValueError(f"{what} must be an object with variant in {variants}, got {obj!r}")
-    tiles = obj.get("tiles")
-    if obj["variant"] == "v1":
-        if tiles is not None:
-            raise ValueError(f"{what}: v1 uses its own tile table, got tiles {tiles!r}")
-        return "v1", None
-    return obj["variant"], Tiles.from_json(tiles)
+    return obj["variant"], Tiles.from_json(obj.get("tiles"))
 
 
 def parse_entry(obj) -> tuple[ShapeKey, TunedEntry]:
@@ -392,7 +365,7 @@ def autotune_enabled() -> bool:
 
 
 def autotunes(head_dim: int, dtype: torch.dtype) -> bool:
-    """``ADCLR_AUTOTUNE=1`` lets Triton's autotuner pick the tiles (v1, v2 forward, fused backward) per
+    """``ADCLR_AUTOTUNE=1`` lets Triton's autotuner pick the tiles (v2 forward, fused backward) per
     (head dim, rule, dtype and, for v2, sequence bucket) instead of the tables, but only where its
     candidates are free of spills: padded head dim <= 64 in fp16/bf16. Other calls keep the table tiles."""
     return autotune_enabled() and tiles_sized_for(head_dim, dtype)

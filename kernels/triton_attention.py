@@ -1,9 +1,8 @@
 """Fused ADCLR attention in Triton: raw self-attention and query->raw cross-attention in one pass.
 
-Tiers (as in Liger-Kernel): ``@triton.jit`` kernels (``triton_v2.py``; ``triton_v1.py``, the first
-kernel, kept selectable) -> launchers (``forward_launches`` / ``backward_launches``, run by
-``_forward`` / ``_backward``) -> ``torch.library`` custom ops (opaque to ``torch.compile``) ->
-``torch.autograd.Function``.
+Tiers (as in Liger-Kernel): ``@triton.jit`` kernels (``triton_v2.py``) -> launchers
+(``forward_launches`` / ``backward_launches``, run by ``_forward`` / ``_backward``) ->
+``torch.library`` custom ops (opaque to ``torch.compile``) -> ``torch.autograd.Function``.
 
 The block structure comes from ``AttentionLayout.kernel_params`` = ``(S, Q0, SELF)``: rows ``< S``
 see keys ``[0, S)``; rows ``>= S`` (query tokens) see ``[Q0, S)`` plus, when ``SELF``, their own key.
@@ -24,7 +23,7 @@ from collections.abc import Callable
 import torch
 import triton
 
-from . import plans, triton_v1, triton_v2
+from . import plans, triton_v2
 from .layout import AttentionLayout
 
 LOG2E = 1.4426950408889634
@@ -44,28 +43,18 @@ def _fused_configs(tiles):
     return [triton.Config({"BLOCK_OWN": m, "BLOCK_STEP": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-# ADCLR_AUTOTUNE=1: the autotuner picks tiles once per (head dim, rule, dtype and, for v2, sequence bucket)
-# instead of the tables; it tries the first few of the tuner's candidates. Those are spill-free on sm90/sm80
-# only at padded head dim <= 64 in fp16/bf16, so only such calls autotune (``plans.autotunes``); every
-# other call keeps the table tiles.
-_V1_KEY = ["BLOCK_D", "QUERY_SELF"]  # v1 predates the bucket (the autotuner adds the dtypes itself)
-_V2_KEY = ["BLOCK_D", "QUERY_SELF", "seq_bucket"]
+# ADCLR_AUTOTUNE=1: the autotuner picks tiles once per (head dim, rule, dtype, sequence bucket) instead of
+# the tables; it tries the first few of the tuner's candidates. Those are spill-free on sm90/sm80 only at
+# padded head dim <= 64 in fp16/bf16, so only such calls autotune (``plans.autotunes``); every other call
+# keeps the table tiles.
+_AUTOTUNE_KEY = ["BLOCK_D", "QUERY_SELF", "seq_bucket"]
 _AUTOTUNE_COUNT = 3
 _AUTOTUNED = {
-    "v1_fwd": triton.autotune(_autotune_configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]), key=_V1_KEY)(
-        triton_v1._fwd_kernel
-    ),
-    "v1_dkdv": triton.autotune(_autotune_configs([(64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 4)]), key=_V1_KEY)(
-        triton_v1._bwd_dkdv_kernel
-    ),
-    "v1_dq": triton.autotune(_autotune_configs([(64, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 4)]), key=_V1_KEY)(
-        triton_v1._bwd_dq_kernel
-    ),
     "v2_fwd": triton.autotune(
-        _autotune_configs(dataclasses.astuple(t) for t in plans.FWD_CANDIDATES[:_AUTOTUNE_COUNT]), key=_V2_KEY
+        _autotune_configs(dataclasses.astuple(t) for t in plans.FWD_CANDIDATES[:_AUTOTUNE_COUNT]), key=_AUTOTUNE_KEY
     )(triton_v2._fwd_kernel),
     "fused": triton.autotune(
-        _fused_configs(dataclasses.astuple(t) for t in plans.FUSED_CANDIDATES[:_AUTOTUNE_COUNT]), key=_V2_KEY
+        _fused_configs(dataclasses.astuple(t) for t in plans.FUSED_CANDIDATES[:_AUTOTUNE_COUNT]), key=_AUTOTUNE_KEY
     )(triton_v2._bwd_fused_kernel),
 }
 
@@ -121,12 +110,6 @@ def _check_grid(programs: int) -> int:
     return programs
 
 
-def _v1_tiles(kind: str, q: torch.Tensor, capability) -> plans.Tiles:
-    if capability is None:
-        return plans.INTERPRETER_TILES
-    return plans.v1_tiles(kind, q.shape[-1], q.dtype)
-
-
 def _bucket_index(seq_len: int) -> int:
     return plans.BUCKET_NAMES.index(plans.seq_bucket(seq_len))
 
@@ -139,14 +122,6 @@ def forward_launches(q, k, v, o, lse, params, scale: float, plan: plans.Plan, ca
     dims = _dims(q, query_self, capability)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     layout_args = (heads, seq_len, shared_keys, query_key_start)
-    if plan.fwd == "v1":
-        autotuned = plans.autotunes(q.shape[-1], q.dtype) and capability is not None
-        kernel = _AUTOTUNED["v1_fwd"] if autotuned else triton_v1._fwd_kernel
-        tiles = None if autotuned else _v1_tiles("fwd", q, capability)
-        args = (q, k, v, o, lse, *strides, *layout_args, scale * LOG2E)
-        grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
-        blocks = {} if tiles is None else dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
-        return [Launch("v1_fwd", kernel, grid, args, {**dims, **blocks}, tiles)]
     tiles = plan.fwd_tiles
     args = (q, k, v, o, lse, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E)
     grid = lambda meta: (_check_grid(triton.cdiv(seq_len, meta["BLOCK_M"]) * batch * heads),)  # noqa: E731
@@ -163,8 +138,6 @@ def backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan: plan
     batch, heads, seq_len, head_dim = q.shape
     dims = _dims(q, query_self, capability)
     layout_args = (heads, seq_len, shared_keys, query_key_start)
-    if plan.bwd == "v1":
-        return _v1_backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, capability)
     strides = tuple(s for t in (q, k, v, o, do, dq, dk, dv) for s in _strides(t))
     args = (q, k, v, o, do, lse, dq, dk, dv, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E, scale)
     tiles = plan.bwd_tiles
@@ -181,44 +154,6 @@ def backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan: plan
         return [Launch("fused", _AUTOTUNED["fused"], grid, args, dims, None)]
     blocks = dict(BLOCK_OWN=tiles.block_m, BLOCK_STEP=tiles.block_n)
     return [Launch("fused", triton_v2._bwd_fused_kernel, grid, args, {**dims, **blocks}, tiles)]
-
-
-def _v1_backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, capability) -> list[Launch]:
-    """v1: Delta = rowsum(dO * O), then dK/dV by key block and dQ by row block (three launches)."""
-    shared_keys, query_key_start, query_self = params
-    batch, heads, seq_len, head_dim = q.shape
-    dims = _dims(q, query_self, capability)
-    delta = torch.empty_like(lse)
-    delta_block = 32 if capability is None else 64
-    launches = [
-        Launch(
-            "v1_delta",
-            triton_v1._bwd_delta_kernel,
-            (batch * heads, triton.cdiv(seq_len, delta_block)),
-            (o, do, delta, *_strides(o), *_strides(do), heads, seq_len),
-            dict(HEAD_DIM=head_dim, BLOCK_D=dims["BLOCK_D"], BLOCK_M=delta_block),
-            plans.Tiles(0, 0, 4, 1),
-        )
-    ]
-    layout_args = (heads, seq_len, shared_keys, query_key_start, scale * LOG2E, scale)
-    autotuned = plans.autotunes(head_dim, q.dtype) and capability is not None
-    for kind, out_strides, grid_block in (
-        ("dkdv", (*_strides(dk), *_strides(dv)), "BLOCK_N"),
-        ("dq", _strides(dq), "BLOCK_M"),
-    ):
-        tiles = None if autotuned else _v1_tiles(kind, q, capability)
-        outputs = (dk, dv) if kind == "dkdv" else (dq,)
-        args = (q, k, v, do, lse, delta, *outputs, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        args = (*args, *out_strides, *layout_args)
-        grid = functools.partial(_v1_grid, batch * heads, seq_len, grid_block)
-        blocks = {} if tiles is None else dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
-        kernel = _AUTOTUNED[f"v1_{kind}"] if autotuned else getattr(triton_v1, f"_bwd_{kind}_kernel")
-        launches.append(Launch(f"v1_{kind}", kernel, grid, args, {**dims, **blocks}, tiles))
-    return launches
-
-
-def _v1_grid(heads_total: int, seq_len: int, block: str, meta) -> tuple[int, int]:
-    return heads_total, triton.cdiv(seq_len, meta[block])
 
 
 def _interpreting(t: torch.Tensor) -> bool:

@@ -1,6 +1,7 @@
-"""Kernel v2: the ADCLR attention kernels shaped for ViT sequence lengths (L = 47, 207, 795).
+"""The ADCLR attention kernels, shaped for ViT sequence lengths (L = 47, 207, 795).
 
-Against v1 (``kernels/triton_v1.py``, still selectable):
+Against the first kernel generation (v1: a 2-D grid with the head fastest, 8-warp tiles, three
+backward launches; removed, never measured and predicted slower everywhere):
 
 - **Grid order.** One grid axis, the sequence block fastest: the programs of one head are adjacent,
   so a head's K/V (forward) or Q, K, V, O, dO (backward) come from DRAM once and from L2 for the

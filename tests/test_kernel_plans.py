@@ -40,7 +40,7 @@ def entry(seq_bucket="256", mask="prefix+raw", dtype="bf16", fwd=None, bwd=None,
         "dtype": dtype,
         "mask": mask,
         "fwd": fwd or {"variant": "v2", "tiles": {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}},
-        "bwd": bwd or {"variant": "v1", "tiles": None},
+        "bwd": bwd or {"variant": "fused", "tiles": {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 3}},
         "auto": auto or {"fwd": "sdpa", "fwd+bwd": "triton"},
     }
 
@@ -92,7 +92,7 @@ def test_default_plan_details():
 def test_tuned_table_decides_variant_tiles_and_backend(tiles_dir):
     write_table(tiles_dir, [entry()])
     plan = plans.resolve_plan(207, 64, torch.bfloat16, PARAMS_207, FAKE_GPU)
-    assert plan == plans.Plan("v2", plans.Tiles(128, 32, 4, 3), "v1", None)
+    assert plan == plans.Plan("v2", plans.Tiles(128, 32, 4, 3), "fused", plans.Tiles(32, 32, 4, 3))
     assert plans.tuned_backend(FAKE_GPU, 207, 64, torch.bfloat16, PARAMS_207, "fwd") == "sdpa"
     assert plans.tuned_backend(FAKE_GPU, 207, 64, torch.bfloat16, PARAMS_207, "fwd+bwd") == "triton"
     # Keys the table did not measure keep the defaults: another dtype, bucket, rule or head dim.
@@ -120,20 +120,20 @@ def test_autotune_keeps_the_table_tiles_where_its_candidates_spill(head_dim, dty
     monkeypatch.setenv("ADCLR_AUTOTUNE", "1")
     plan = plans.resolve_plan(207, head_dim, dtype, PARAMS_207, FAKE_GPU)
     assert plan == plans.default_plan(207, head_dim, dtype) and plan.fwd_tiles is not None
-    # v1 too: its launches take the table's tiles, not the autotuner.
+    # The launches take the table's tiles, not the autotuner.
     q = torch.zeros(1, 2, 207, head_dim, dtype=dtype)
     o, o_view, lse = ops.forward_outputs(q, seq_major=False)
-    v1 = plans.Plan("v1", None, "v1", None)
-    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, v1, (9, 0))
-    assert launch.tiles == plans.v1_tiles("fwd", head_dim, dtype)
+    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, plan, (9, 0))
+    assert launch.tiles == plan.fwd_tiles and launch.kernel is not ops._AUTOTUNED["v2_fwd"]
     _, (dq, dk, dv) = ops.gradient_outputs(q, seq_major=False)
-    backward = ops.backward_launches(q, q, q, q, o_view, lse, dq, dk, dv, PARAMS_207, 0.125, v1, (9, 0))
-    assert all(launch.tiles is not None for launch in backward)
-    # At D = 64 in bf16 the same v1 launches do autotune.
+    (launch,) = ops.backward_launches(q, q, q, q, o_view, lse, dq, dk, dv, PARAMS_207, 0.125, plan, (9, 0))
+    assert launch.tiles == plan.bwd_tiles and launch.kernel is not ops._AUTOTUNED["fused"]
+    # At D = 64 in bf16 the same launches do autotune.
     q = torch.zeros(1, 2, 207, 64, dtype=torch.bfloat16)
     o, o_view, lse = ops.forward_outputs(q, seq_major=False)
-    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, v1, (9, 0))
-    assert launch.tiles is None
+    autotuned = plans.resolve_plan(207, 64, torch.bfloat16, PARAMS_207, FAKE_GPU)
+    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, autotuned, (9, 0))
+    assert launch.tiles is None and launch.kernel is ops._AUTOTUNED["v2_fwd"]
 
 
 def test_a_valid_short_entry_fits_every_call_of_its_key():
@@ -199,7 +199,10 @@ def test_the_table_lookup_is_cached_per_device_and_directory(tmp_path, monkeypat
             entry(bwd={"variant": "short", "tiles": {"block_m": 0, "block_n": 0, "num_warps": 4, "num_stages": 1}}),
             "short",
         ),
-        (entry(bwd={"variant": "v1", "tiles": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}}), "v1"),
+        (
+            entry(bwd={"variant": "v1", "tiles": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}}),
+            "variant",
+        ),
         (entry(auto={"fwd": "flex", "fwd+bwd": "sdpa"}), "auto"),
         ("not an object", "object"),
     ],
@@ -354,7 +357,7 @@ def test_auto_end_to_end_follows_the_table(layout, table, runs_sdpa, fake_gpu):
 
 
 def test_v2_grid_size():
-    """One axis of blocks x B*H programs (v2 forward, twice that for the fused backward); v1's is (B*H, blocks)."""
+    """One axis of blocks x B*H programs (the forward; twice that for the fused backward)."""
     q = torch.zeros(3, 5, 207, 64, dtype=torch.float16)
     o, o_view, lse = ops.forward_outputs(q, seq_major=False)
     plan = plans.default_plan(207, 64, torch.float16)
@@ -363,8 +366,6 @@ def test_v2_grid_size():
     grads, (dq, dk, dv) = ops.gradient_outputs(q, seq_major=False)
     (fused,) = ops.backward_launches(q, q, q, q, o_view, lse, dq, dk, dv, PARAMS_207, 0.125, plan, (9, 0))
     assert fused.grid({"BLOCK_OWN": 64}) == (2 * 4 * 15,)
-    v1 = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, plans.Plan("v1", None, "v1", None), (9, 0))
-    assert v1[0].grid({"BLOCK_M": 64}) == (15, 4)
 
 
 def _rows_written(t: torch.Tensor) -> torch.Tensor:

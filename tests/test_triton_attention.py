@@ -31,12 +31,11 @@ STORAGES = ("contiguous", "strided", "packed")
 T = plans.Tiles
 INTERPRETER = plans.INTERPRETER_TILES
 # Variants the interpreter runs: v2 forward with each backward (and tiles whose row and key blocks
-# differ, which catches a kernel that confuses them), and v1 end to end.
+# differ, which catches a kernel that confuses them).
 PLANS = {
     "fused": plans.Plan("v2", INTERPRETER, "fused", INTERPRETER),
     "fused-64x16": plans.Plan("v2", T(64, 16, 1, 1), "fused", T(64, 16, 1, 1)),
     "short": plans.Plan("v2", T(16, 32, 1, 1), "short", T(0, 0, 1, 1)),
-    "v1": plans.Plan("v1", None, "v1", None),
 }
 
 
@@ -45,8 +44,6 @@ def plan(variant: str, seq_len: int, head_dim: int, dtype, device=KERNEL_DEVICE)
     if device != "cuda":
         return PLANS[variant]
     backward = PLANS[variant].bwd
-    if backward == "v1":
-        return plans.Plan("v1", None, "v1", None)
     fwd = plans.fwd_tiles(seq_len, head_dim, dtype)
     if backward == "short":
         return plans.Plan("v2", fwd, "short", plans.short_tiles(seq_len, head_dim))
@@ -288,7 +285,7 @@ def test_gpu_real_shapes(shape, rule, dtype):
 
 
 GPU_VARIANT_SHAPES = [("short", "vit_s16_local96"), ("fused", "vit_s16_local96"), ("fused", "vit_s16_global")]
-GPU_VARIANT_SHAPES += [("fused", "vit_s8_global"), ("v1", "vit_s16_global"), ("v1", "vit_s16_local96")]
+GPU_VARIANT_SHAPES += [("fused", "vit_s8_global")]
 
 
 @pytest.mark.gpu
@@ -332,7 +329,7 @@ def test_gpu_offsets_past_2_31_elements():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant, R", [("short", 37), ("fused", 37), ("fused", 197), ("v1", 197)])
+@pytest.mark.parametrize("variant, R", [("short", 37), ("fused", 37), ("fused", 197)])
 @pytest.mark.parametrize("rule", ["prefix+raw", "raw+self"])
 def test_gpu_backward_is_deterministic(variant, R, rule):
     layout = AttentionLayout(R, 10, query_keys=rule)
