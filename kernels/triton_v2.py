@@ -44,6 +44,21 @@ def _key_range(start_m, shared_keys, query_key_start, BLOCK_M: tl.constexpr, BLO
     return lo, full_lo, full_hi
 
 
+@triton.jit
+def _clear_hidden_prefix(x, keys, query_key_start, KEY_AXIS: tl.constexpr):
+    """``x`` (a K or V tile, keys along ``KEY_AXIS``) with inf and NaN zeroed in the keys below
+    ``query_key_start``, and which keys held one (int32 0/1 per key). Such a key is hidden from the
+    query rows but seen by the raw rows of the same tile, and a zero weight times inf or NaN in a
+    product over keys is NaN: the query rows need it cleared; the raw rows that see it get NaN from
+    the caller instead."""
+    if KEY_AXIS == 0:
+        hidden = (keys < query_key_start)[:, None]
+    else:
+        hidden = (keys < query_key_start)[None, :]
+    bad = ((x != x) | (tl.abs(x) == float("inf"))) & hidden
+    return tl.where(bad, 0.0, x), tl.max(bad.to(tl.int32), 1 - KEY_AXIS)
+
+
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def _fwd_kernel(
     Q,
@@ -113,6 +128,8 @@ def _fwd_kernel(
         l_i = tl.where(has_self, 1.0, 0.0)
         acc = tl.where(has_self[:, None], v_self.to(tl.float32), 0.0)
 
+    # Rows that see a prefix key whose V is inf or NaN: their output is NaN (see the key loop).
+    row_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
     lo, full_lo, full_hi = _key_range(start_m, shared_keys, query_key_start, BLOCK_M, BLOCK_N)
     for start_n in range(lo, shared_keys, BLOCK_N):
         keys = start_n + offs_n
@@ -125,7 +142,11 @@ def _fwd_kernel(
         )
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         if (start_n < full_lo) | (start_n >= full_hi):
-            s = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], s, float("-inf"))
+            visible = (keys[None, :] >= row_start[:, None]) & key_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            if start_n < query_key_start:
+                v, bad_key = _clear_hidden_prefix(v, keys, query_key_start, 0)
+                row_nan = tl.maximum(row_nan, tl.max(tl.where(visible, bad_key[None, :], 0), 1))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -134,7 +155,7 @@ def _fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    out = tl.where(row_nan[:, None] > 0, float("nan"), acc / l_i[:, None])
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + bh * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
@@ -216,9 +237,14 @@ def _bwd_short_kernel(
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+    # dP and dS are masked too: an inf/NaN in a hidden key's V (dP) or in the Delta of a row that sees
+    # one (dS) must not reach the other rows and keys. The keys some row of the tile cannot see (the
+    # prefix under ``raw`` rules, query tokens' keys) have inf/NaN cleared in K before the dQ product.
+    dp = tl.where(allowed, tl.dot(do, tl.trans(v), input_precision=PRECISION), 0.0)
+    ds = tl.where(allowed, p * (dp - tl.sum(p * dp, 1)[:, None]), 0.0)
+    hidden = (idx < query_key_start) | (idx >= shared_keys)
+    k_dq = tl.where(((k != k) | (tl.abs(k) == float("inf"))) & hidden[:, None], 0.0, k)
+    dq = tl.dot(ds.to(k.dtype), k_dq, input_precision=PRECISION) * sm_scale
     dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * sm_scale
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + idx[:, None] * stride_dql + offs_d[None, :],
@@ -299,13 +325,17 @@ def _dkdv_program(
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
-        # Unmasked unless the key block reaches past S or the row block reaches the query rows.
-        if keys_past_s | (start_m + BLOCK_STEP > shared_keys):
-            row_start = tl.where(rows >= shared_keys, query_key_start, 0)
-            pT = tl.where(key_ok[:, None] & row_ok[None, :] & (keys[:, None] >= row_start[None, :]), pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        # Unmasked unless the key block reaches past S or the row block reaches the query rows. dS is
+        # masked too: a row that sees an inf/NaN key has a non-finite Delta, which must not reach the
+        # keys hidden from it (nor may this block's own inf/NaN V reach rows it is hidden from).
+        if keys_past_s | (start_m + BLOCK_STEP > shared_keys):
+            row_start = tl.where(rows >= shared_keys, query_key_start, 0)
+            seen = key_ok[:, None] & row_ok[None, :] & (keys[:, None] >= row_start[None, :])
+            pT = tl.where(seen, pT, 0.0)
+            dsT = tl.where(seen, dsT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
 
     if QUERY_SELF:
@@ -384,10 +414,15 @@ def _dq_program(
         kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=kv_mask, other=0.0)
         vT = tl.load(v_base + keys[None, :] * stride_vl + offs_d[:, None], mask=kv_mask, other=0.0)
         p = tl.math.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
-        if (start_n < full_lo) | (start_n >= full_hi):
-            p = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if (start_n < full_lo) | (start_n >= full_hi):
+            # dS, not only P: a hidden key's inf/NaN V makes dP non-finite there. Its K enters the dQ
+            # product below, so a prefix key hidden from the query rows is cleared there (raw rows
+            # that see it get NaN through their own dS).
+            ds = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], ds, 0.0)
+            if start_n < query_key_start:
+                kT, _ = _clear_hidden_prefix(kT, keys, query_key_start, 1)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
 
     if QUERY_SELF:
