@@ -16,6 +16,7 @@ fp16/bf16 only (where its candidates are spill-free); other calls keep the table
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -174,20 +175,27 @@ def _call_context(q: torch.Tensor, params) -> tuple[plans.Plan, tuple[int, int] 
     return plans.resolve_plan(seq_len, head_dim, q.dtype, params, name), capability
 
 
+def run_launches(launches: list[Launch], device: torch.device) -> None:
+    """Run ``launches`` with ``device`` as the current CUDA device: Triton launches on the current
+    device (and its stream), not on the tensors', so a call on ``cuda:1`` while ``cuda:0`` is current
+    would otherwise read foreign addresses."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for launch in launches:
+            launch()
+
+
 def _forward(q, k, v, o, lse, shared_keys: int, query_key_start: int, query_self: bool, scale: float) -> None:
     """Write the output into ``o`` (a ``[B, H, L, D]`` view) and the base-2 log-sum-exp into ``lse``."""
     params = (shared_keys, query_key_start, query_self)
     plan, capability = _call_context(q, params)
-    for launch in forward_launches(q, k, v, o, lse, params, scale, plan, capability):
-        launch()
+    run_launches(forward_launches(q, k, v, o, lse, params, scale, plan, capability), q.device)
 
 
 def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start: int, query_self: bool, scale: float):
     """Write dQ, dK, dV (``[B, H, L, D]`` views) for the forward that produced ``o`` and ``lse``."""
     params = (shared_keys, query_key_start, query_self)
     plan, capability = _call_context(q, params)
-    for launch in backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan, capability):
-        launch()
+    run_launches(backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan, capability), q.device)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

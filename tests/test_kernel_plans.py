@@ -411,3 +411,35 @@ def test_v2_programs_take_the_sequence_block_fastest():
         row_blocks = expected(programs, lambda p: (p // (2 * n), p % (2 * n) - n) if p % (2 * n) >= n else None)
         assert torch.equal(_rows_written(dk), key_blocks) and torch.equal(_rows_written(dv), key_blocks)
         assert torch.equal(_rows_written(dq), row_blocks)
+
+
+def test_launches_run_with_the_inputs_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, not on the tensors': each launch of a call on a
+    fake second GPU (cuda:1 while cuda:0 is current) must run with cuda:1 current, and cuda:0 must be
+    current again afterwards. ``_forward`` and ``_backward`` must hand their inputs' device over."""
+    current = [torch.device("cuda", 0)]
+
+    class FakeDeviceGuard:  # stands in for torch.cuda.device: no CUDA needed
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
+    seen = []
+    ops.run_launches([lambda: seen.append(current[0])] * 2, torch.device("cuda", 1))
+    assert seen == [torch.device("cuda", 1)] * 2 and current[0] == torch.device("cuda", 0)
+
+    handed = []
+    monkeypatch.setattr(ops, "run_launches", lambda launches, device: handed.append((launches[0].name, device)))
+    q = torch.zeros(1, 2, 47, 16)
+    params = AttentionLayout(37, 10).kernel_params
+    o, o_view, lse = ops.forward_outputs(q, seq_major=False)
+    ops._forward(q, q, q, o_view, lse, *params, 0.25)
+    _, (dq, dk, dv) = ops.gradient_outputs(q, seq_major=False)
+    ops._backward(q, q, q, q, o_view, lse, dq, dk, dv, *params, 0.25)
+    assert [device for _, device in handed] == [q.device, q.device]
