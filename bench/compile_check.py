@@ -85,7 +85,9 @@ def real_launch(case: Case, overrides: dict) -> ops.Launch:
     qkv = torch.zeros(1, case.seq_len, 3, HEADS, case.head_dim, dtype=dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     num_query = 10 if case.seq_len > 10 else 0
-    params = (case.seq_len - num_query, 1 if num_query else 0, case.query_self and num_query > 0)
+    # self=False: the default rule prefix+raw; self=True: raw+self (the prefix hidden from query rows too).
+    query_self = case.query_self and num_query > 0
+    params = (case.seq_len - num_query, 1 if query_self else 0, query_self)
     plan = _plan_for(case.kernel, case.seq_len, case.head_dim, dtype, overrides)
     capability = divmod(case.arch, 10)
     _, o, lse = ops.forward_outputs(q, seq_major=True)

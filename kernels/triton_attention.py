@@ -148,7 +148,7 @@ def backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan: plan
         strides = tuple(s for t in (q, k, v, do, dq, dk, dv) for s in _strides(t))  # no O: Delta from the tile
         args = (q, k, v, do, lse, dq, dk, dv, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E, scale)
         tiles = tiles or plans.short_tiles(seq_len, head_dim)
-        block = dict(BLOCK_L=plans.short_block(seq_len))
+        block = dict(BLOCK_L=plans.short_block(seq_len), HIDDEN_KEYS=query_key_start > 0 or query_self)
         return [Launch("short", triton_v2._bwd_short_kernel, (batch * heads,), args, {**dims, **block}, tiles)]
     grid = lambda meta: (_check_grid(2 * triton.cdiv(seq_len, meta["BLOCK_OWN"]) * batch * heads),)  # noqa: E731
     if tiles is None:

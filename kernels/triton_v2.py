@@ -45,6 +45,16 @@ def _key_range(start_m, shared_keys, query_key_start, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _online_softmax_step(s, m_i, l_i, acc):
+    """One key block of the online softmax (base 2): the block's weights ``p`` and the running max,
+    sum and rescaled accumulator, to which the caller adds ``p @ V``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
 def _clear_hidden_prefix(x, keys, query_key_start, KEY_AXIS: tl.constexpr):
     """``x`` (a K or V tile, keys along ``KEY_AXIS``) with inf and NaN zeroed in the keys below
     ``query_key_start``, and which keys held one (int32 0/1 per key). Such a key is hidden from the
@@ -128,10 +138,29 @@ def _fwd_kernel(
         l_i = tl.where(has_self, 1.0, 0.0)
         acc = tl.where(has_self[:, None], v_self.to(tl.float32), 0.0)
 
-    # Rows that see a prefix key whose V is inf or NaN: their output is NaN (see the key loop).
-    row_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
     lo, full_lo, full_hi = _key_range(start_m, shared_keys, query_key_start, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, shared_keys, BLOCK_N):
+    # Key blocks below full_lo: the prefix under rules that hide it, in a row block that holds query
+    # rows (usually one block). The raw rows see these keys, the query rows must not, even when a V
+    # holds inf or NaN, and a zero weight times NaN is NaN: each such block runs the P V product twice,
+    # on V as it is (raw rows) and on V loaded without the hidden keys (query rows). Kept out of the
+    # main loop, whose pipelining and registers stay those of a plain flash loop.
+    for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=1):
+        keys = start_n + offs_n
+        key_ok = keys < shared_keys
+        kT = tl.load(
+            k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
+        )
+        v_ptrs = v_base + keys[:, None] * stride_vl + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v_query = tl.load(v_ptrs, mask=(key_ok & (keys >= query_key_start))[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        s = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], s, float("-inf"))
+        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
+        acc_raw = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        acc = tl.dot(p.to(v.dtype), v_query, acc, input_precision=PRECISION)
+        acc = tl.where(is_query[:, None], acc, acc_raw)
+
+    for start_n in range(full_lo, shared_keys, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < shared_keys
         kT = tl.load(
@@ -141,21 +170,12 @@ def _fwd_kernel(
             v_base + keys[:, None] * stride_vl + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0
         )
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        if (start_n < full_lo) | (start_n >= full_hi):
-            visible = (keys[None, :] >= row_start[:, None]) & key_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-            if start_n < query_key_start:
-                v, bad_key = _clear_hidden_prefix(v, keys, query_key_start, 0)
-                row_nan = tl.maximum(row_nan, tl.max(tl.where(visible, bad_key[None, :], 0), 1))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if start_n >= full_hi:
+            s = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], s, float("-inf"))
+        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
 
-    out = tl.where(row_nan[:, None] > 0, float("nan"), acc / l_i[:, None])
+    out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + bh * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
@@ -204,11 +224,13 @@ def _bwd_short_kernel(
     QUERY_SELF: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    HIDDEN_KEYS: tl.constexpr,
 ):
     """The whole backward of one head whose L fits one ``BLOCK_L`` tile: q, k, v, dO read once, one
     score tile, five products (S = Q K^T, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q). With
     every key of a row in the tile, Delta = rowsum(P * dP), as PyTorch's softmax backward computes
-    it: O is not read (7 tensors moved, not 8)."""
+    it: O is not read (7 tensors moved, not 8). ``HIDDEN_KEYS``: the rule hides a loaded key from some
+    row (``query_key_start > 0`` or ``QUERY_SELF``); the default rule compiles without those masks."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
@@ -237,14 +259,19 @@ def _bwd_short_kernel(
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-    # dP and dS are masked too: an inf/NaN in a hidden key's V (dP) or in the Delta of a row that sees
-    # one (dS) must not reach the other rows and keys. The keys some row of the tile cannot see (the
-    # prefix under ``raw`` rules, query tokens' keys) have inf/NaN cleared in K before the dQ product.
-    dp = tl.where(allowed, tl.dot(do, tl.trans(v), input_precision=PRECISION), 0.0)
-    ds = tl.where(allowed, p * (dp - tl.sum(p * dp, 1)[:, None]), 0.0)
-    hidden = (idx < query_key_start) | (idx >= shared_keys)
-    k_dq = tl.where(((k != k) | (tl.abs(k) == float("inf"))) & hidden[:, None], 0.0, k)
-    dq = tl.dot(ds.to(k.dtype), k_dq, input_precision=PRECISION) * sm_scale
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if HIDDEN_KEYS:
+        # Some key of the tile is loaded but hidden from some row (the prefix under ``raw`` rules, the
+        # query tokens' keys under ``+self``): dP and dS are masked too, so that inf/NaN in its V (dP)
+        # or in the Delta of a row that sees one (dS) reaches no other row or key, and inf/NaN in
+        # such a key's K is cleared before the dQ product (a zero weight times NaN is NaN).
+        dp = tl.where(allowed, dp, 0.0)
+        ds = tl.where(allowed, p * (dp - tl.sum(p * dp, 1)[:, None]), 0.0)
+        hidden = (idx < query_key_start) | (idx >= shared_keys)
+        k = tl.where(((k * 0.0) != 0.0) & hidden[:, None], 0.0, k)
+    else:
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
     dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * sm_scale
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + idx[:, None] * stride_dql + offs_d[None, :],
