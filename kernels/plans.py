@@ -32,8 +32,8 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 BLOCK_DS = (16, 32, 64, 128, 256)
 FWD_VARIANTS = ("v2",)
 BWD_VARIANTS = ("short", "fused")
-SHORT_MAX_LEN = 128  # the single-pass backward holds the whole sequence in one tile...
-SHORT_MAX_TILE = 64 * 128  # ...of at most this many elements (L x D padded): beyond, it spills
+SHORT_MAX_LEN = 64  # the single-pass backward holds the whole sequence in one tile of at most 64 rows...
+SHORT_MAX_TILE = 64 * 128  # ...and this many elements (L x D padded): 128-row tiles spill on sm90
 TILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles")
 TABLE_SCHEMA = 1
 
@@ -127,7 +127,8 @@ def tiles_sized_for(head_dim: int, dtype: torch.dtype) -> bool:
 
 
 def short_eligible(seq_len: int, head_dim: int) -> bool:
-    """Whether the short backward can run: L <= 128 and the padded L x D tile <= 64 x 128."""
+    """Whether the short backward can run: L <= 64 and the padded L x D tile <= 64 x 128 (a 128-row
+    tile spills on sm90 even at 8 warps: 255 registers and 56 bytes of stack at D = 64)."""
     return seq_len <= SHORT_MAX_LEN and short_block(seq_len) * block_d(head_dim) <= SHORT_MAX_TILE
 
 
@@ -138,14 +139,18 @@ def short_block(seq_len: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # Built-in tables (GPU). Sized from offline compiles (bench/compile_check.py, sm90/sm80/sm70; registers
-# and spills recorded in bench/NOTES.md): 4 warps wherever that does not spill.
+# and spills recorded in bench/NOTES.md): 4 warps wherever that does not spill. At D <= 64 in half
+# precision the 64 x 64 forward and the 64 x 32 fused backward take a third pipeline stage: the
+# forward gets it at no register cost (triton 3.6 and 3.8); the fused backward's dO/O loads are
+# single-buffered at two stages, and at three it keeps its registers and CTAs per SM on sm90 and sm80
+# (triton 3.8: 165 / 223 registers with / without +self on sm90, 44 KB of shared memory).
 # --------------------------------------------------------------------------------------------------
 
 T = Tiles
 # v2 forward: by head dim, then by sequence bucket ("*" for every bucket not listed).
 V2_FWD_TILES = {
     torch.float16: {
-        64: {"*": T(64, 64, 4, 2), "512": T(128, 64, 8, 3), "1024": T(128, 64, 8, 3), "long": T(128, 64, 8, 3)},
+        64: {"*": T(64, 64, 4, 3), "512": T(128, 64, 8, 3), "1024": T(128, 64, 8, 3), "long": T(128, 64, 8, 3)},
         128: {"*": T(64, 64, 4, 2), "1024": T(128, 64, 8, 2), "long": T(128, 64, 8, 2)},
         256: {"*": T(64, 32, 8, 2)},
     },
@@ -153,13 +158,13 @@ V2_FWD_TILES = {
 }
 # Fused backward: (owned block, stepped block).
 V2_FUSED_TILES = {
-    torch.float16: {64: {"*": T(64, 32, 4, 2)}, 128: {"*": T(64, 32, 8, 2)}, 256: {"*": T(16, 16, 4, 1)}},
+    torch.float16: {64: {"*": T(64, 32, 4, 3)}, 128: {"*": T(64, 32, 8, 2)}, 256: {"*": T(16, 16, 4, 1)}},
     torch.float32: {64: {"*": T(16, 32, 4, 2)}, 128: {"*": T(16, 32, 8, 1)}},
 }
-SHORT_DEFAULT_MAX_LEN = 64  # without a tuned table, the short backward only where one 64-row tile holds L
 INTERPRETER_TILES = T(32, 32, 1, 1)  # the CPU interpreter: small blocks exercise boundary and interior paths
 # What the tuner (bench/tune.py) and ADCLR_AUTOTUNE=1 try at head dims <= 64, all free of spills on sm90
-# and sm80 (bench/compile_check.py); larger head dims try the table's tile only.
+# (bench/compile_check.py); on sm80 the fused 64 x 32 tiles sit at 255 registers and spill (8 bytes
+# with triton 3.6 without +self). Larger head dims try the table's tile only.
 FWD_CANDIDATES = (
     T(64, 64, 4, 2),
     T(64, 64, 4, 3),
@@ -202,9 +207,9 @@ def short_tiles(seq_len: int, head_dim: int) -> Tiles:
 
 def default_plan(seq_len: int, head_dim: int, dtype: torch.dtype, interpreting: bool = False) -> Plan:
     """The plan without a tuned table: v2 forward; in half precision the short backward where one
-    64-row tile holds the sequence (fp32's exact products spill there), fused otherwise. Under the
+    tile holds the sequence (fp32's exact products spill there), fused otherwise. Under the
     interpreter the same variants with small tiles."""
-    short = seq_len <= SHORT_DEFAULT_MAX_LEN and short_eligible(seq_len, head_dim) and dtype != torch.float32
+    short = short_eligible(seq_len, head_dim) and dtype != torch.float32
     if interpreting:
         return Plan("v2", INTERPRETER_TILES, "short" if short else "fused", INTERPRETER_TILES)
     fwd = fwd_tiles(seq_len, head_dim, dtype)
@@ -218,12 +223,19 @@ def default_plan(seq_len: int, head_dim: int, dtype: torch.dtype, interpreting: 
 # --------------------------------------------------------------------------------------------------
 
 
-def default_backend(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params) -> str:
+UNTUNED_BACKWARD_MAX_LEN = 512  # untuned forward + backward beyond this length stays on SDPA
+
+
+def default_backend(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params, mode: str) -> str:
     """``auto``'s backend for a key the tuned table has not measured. Ours for the ADCLR masks at
     padded head dim <= 64 in fp16/bf16 (what the built-in tiles were sized for); SDPA for the ``full``
     mask (no query tokens: SDPA is then one FlashAttention call computing the same function), for
-    larger head dims and for fp32, where nothing has shown ours to be faster."""
+    larger head dims and for fp32, where nothing has shown ours to be faster, and for forward +
+    backward (``mode`` ``fwd+bwd``) at L > 512: there the backward is compute-bound and ours does 1.4x
+    the products of FlashAttention-2's (bench/NOTES.md), so only a measurement may send it to ours."""
     if mask_kind(seq_len, *kernel_params) == "full" or not tiles_sized_for(head_dim, dtype):
+        return "sdpa"
+    if mode == "fwd+bwd" and seq_len > UNTUNED_BACKWARD_MAX_LEN:
         return "sdpa"
     return "triton"
 
@@ -406,4 +418,4 @@ def auto_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dty
     """``backend="auto"`` on an sm80+ GPU: the tuned table's backend for the key and ``mode`` (``fwd``
     or ``fwd+bwd``), else ``default_backend``."""
     tuned = tuned_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode)
-    return tuned or default_backend(seq_len, head_dim, dtype, kernel_params)
+    return tuned or default_backend(seq_len, head_dim, dtype, kernel_params, mode)

@@ -70,9 +70,9 @@ def test_mask_kind_follows_the_kernel_params(layout, kind):
 @pytest.mark.parametrize(
     "length, backward, fwd_tiles, bwd_tiles",
     [
-        (47, "short", plans.Tiles(64, 64, 4, 2), plans.Tiles(0, 0, 4, 1)),
-        (207, "fused", plans.Tiles(64, 64, 4, 2), plans.Tiles(64, 32, 4, 2)),
-        (795, "fused", plans.Tiles(128, 64, 8, 3), plans.Tiles(64, 32, 4, 2)),
+        (47, "short", plans.Tiles(64, 64, 4, 3), plans.Tiles(0, 0, 4, 1)),
+        (207, "fused", plans.Tiles(64, 64, 4, 3), plans.Tiles(64, 32, 4, 3)),
+        (795, "fused", plans.Tiles(128, 64, 8, 3), plans.Tiles(64, 32, 4, 3)),
     ],
 )
 def test_default_plan_at_vit_lengths(length, backward, fwd_tiles, bwd_tiles, tiles_dir):
@@ -86,7 +86,8 @@ def test_default_plan_details():
     assert plans.default_plan(100, 64, torch.float16).bwd == "fused"  # short only up to 64 rows by default
     assert plans.default_plan(47, 128, torch.float16).bwd_tiles.num_warps == 8  # a 64 x 128 tile
     assert plans.default_plan(47, 64, torch.float16, interpreting=True).fwd_tiles == plans.INTERPRETER_TILES
-    assert plans.short_eligible(128, 64) and not plans.short_eligible(128, 128) and not plans.short_eligible(129, 16)
+    # One tile of at most 64 rows (128-row tiles spill on sm90) and 64 x 128 elements.
+    assert plans.short_eligible(64, 128) and not plans.short_eligible(65, 16) and not plans.short_eligible(64, 256)
 
 
 def test_tuned_table_decides_variant_tiles_and_backend(tiles_dir):
@@ -151,9 +152,9 @@ def test_a_valid_short_entry_fits_every_call_of_its_key():
             for seq_len in range(1, int(bucket) + 1):
                 for head_dim in range(block_d // 2 + 1 if block_d > 16 else 1, block_d + 1):
                     assert plans.short_eligible(seq_len, head_dim), (block_d, bucket, seq_len, head_dim)
-    assert accepted >= 4  # 64 and 128 at D <= 64, and more: the check is not vacuous
-    with pytest.raises(ValueError, match="short"):  # the example that cannot fit: bucket 128, D = 128
-        plans.parse_entry(entry(seq_bucket="128", block_d=128, bwd=short))
+    assert accepted >= 4  # bucket 64 at D <= 128: the check is not vacuous
+    with pytest.raises(ValueError, match="short"):  # 128-row tiles spill on sm90: bucket 128 never fits
+        plans.parse_entry(entry(seq_bucket="128", block_d=16, bwd=short))
 
 
 def test_the_table_lookup_is_cached_per_device_and_directory(tmp_path, monkeypatch):
@@ -295,7 +296,8 @@ def test_auto_picks_the_tuned_backend_per_mode(fake_gpu):
     [
         (AttentionLayout(197, 10), 64, torch.float16, "triton"),  # the ADCLR masks the tiles were sized for
         (AttentionLayout(37, 10, 1, "raw+self"), 32, torch.bfloat16, "triton"),
-        (AttentionLayout(785, 10, 1, "raw"), 64, torch.bfloat16, "triton"),
+        (AttentionLayout(502, 10, 1, "raw"), 64, torch.bfloat16, "triton"),  # L = 512
+        (AttentionLayout(785, 10, 1, "raw"), 64, torch.bfloat16, ("triton", "sdpa")),  # ViT-S/8: bwd not measured
         (AttentionLayout(197, 0), 64, torch.bfloat16, "sdpa"),  # no query tokens: the full mask
         (AttentionLayout(37, 0), 64, torch.float16, "sdpa"),  # a local crop without query tokens
         (AttentionLayout(197, 10, bidirectional=True), 64, torch.bfloat16, "sdpa"),
@@ -305,10 +307,13 @@ def test_auto_picks_the_tuned_backend_per_mode(fake_gpu):
     ],
 )
 def test_auto_without_a_table_entry(layout, head_dim, dtype, backend, fake_gpu):
-    """Untuned: ours only where the built-in tiles were sized; SDPA elsewhere. ``triton`` still forces ours."""
+    """Untuned: ours only where the built-in tiles were sized, and for forward + backward only up to
+    L = 512; SDPA elsewhere. ``backend`` is one name for both modes or (forward, forward + backward).
+    ``triton`` still forces ours."""
     t = torch.zeros(1, 1, layout.length, head_dim, dtype=dtype)
+    expected = backend if isinstance(backend, tuple) else (backend, backend)
     for needs_grad in (False, True):
-        assert attention._resolve_backend("auto", t, head_dim, 0.0, layout, needs_grad) == backend
+        assert attention._resolve_backend("auto", t, head_dim, 0.0, layout, needs_grad) == expected[needs_grad]
         assert attention._resolve_backend("triton", t, head_dim, 0.0, layout, needs_grad) == "triton"
 
 
