@@ -333,10 +333,21 @@ def _device_table(device_name: str, directory: str) -> dict[ShapeKey, TunedEntry
     return load_table(table_path(device_name, directory))
 
 
+_table_generation = [0]  # bumped by clear_table_cache: plans decided from older tables are stale
+
+
 def clear_table_cache() -> None:
     """Forget every table read so far, so the next call reads the files again (tests, the tuner)."""
     _device_table.cache_clear()
     load_table.cache_clear()
+    _table_generation[0] += 1
+
+
+def resolution_state() -> tuple:
+    """Everything besides the call's shape key that ``resolve_plan`` reads: the innermost forced plan,
+    ``ADCLR_AUTOTUNE``, the tables' folder and which tables were read. Callers that cache plans per
+    shape key add this to the key, so a change to any of them is seen on the next call."""
+    return (_forced[-1] if _forced else None, autotune_enabled(), tiles_dir(), _table_generation[0])
 
 
 def tuned_entry(device_name: str, key: ShapeKey) -> TunedEntry | None:

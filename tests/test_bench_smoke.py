@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from bench import attention, train_step
+from adclr.kernels import triton_attention
+from bench import attention, overhead, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +63,14 @@ def test_train_step_benchmark_runs_every_variant(tmp_path):
     assert all(float(r["step_ms"]) > 0 and math.isclose(float(rows[0]["time_vs_dino"]), 1.0) for r in rows)
     assert [int(r["Q"]) for r in rows] == [0, 0, 4, 4, 4, 4]
     assert [r["fused_loss"] for r in rows] == ["False", "True", "False", "True", "False", "False"]
+
+
+def test_overhead_benchmark_stubs_the_launches_and_puts_them_back(capsys):
+    """Both modes are timed with ``Launch.__call__`` a no-op (no kernel runs: a call costs
+    microseconds, where the interpreter would take seconds), and the real launch is restored."""
+    real = triton_attention.Launch.__call__
+    overhead.main(["--repeats", "3", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    times = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert set(times) == {"fwd", "fwd+bwd"} and all(0 < us < 1e4 for us in times.values())
+    assert triton_attention.Launch.__call__ is real

@@ -15,6 +15,7 @@ from adclr.kernels import triton_attention as ops
 
 FAKE_GPU = "Fake GPU 9000 80GB"
 PARAMS_207 = AttentionLayout(197, 10).kernel_params
+T = plans.Tiles
 
 
 @pytest.fixture
@@ -448,3 +449,20 @@ def test_launches_run_with_the_inputs_device_current(monkeypatch):
     _, (dq, dk, dv) = ops.gradient_outputs(q, seq_major=False)
     ops._backward(q, q, q, q, o_view, lse, dq, dk, dv, *params, 0.25)
     assert [device for _, device in handed] == [q.device, q.device]
+
+
+def test_the_per_call_plan_cache_sees_tables_forced_plans_and_autotune(tiles_dir, monkeypatch):
+    """Each call's plan is decided once per shape key and cached; the cache must still follow a table
+    read afresh, a forced plan entered and ADCLR_AUTOTUNE set between two identical calls."""
+    monkeypatch.setattr(ops, "_interpreting", lambda t: False)  # as on a GPU named FAKE_GPU
+    monkeypatch.setattr(ops, "_device_info", lambda index: (FAKE_GPU, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q = torch.zeros(1, 2, 207, 64, dtype=torch.bfloat16)
+    assert ops._call_context(q, PARAMS_207) == (plans.default_plan(207, 64, torch.bfloat16), (9, 0))
+    write_table(tiles_dir, [entry()])
+    assert ops._call_context(q, PARAMS_207)[0] == plans.Plan("v2", T(128, 32, 4, 3), "fused", T(32, 32, 4, 3))
+    forced = plans.Plan("v2", T(32, 64, 4, 2), "fused", T(64, 64, 4, 2))
+    with plans.forced_plan(forced):
+        assert ops._call_context(q, PARAMS_207)[0] == forced
+    monkeypatch.setenv("ADCLR_AUTOTUNE", "1")
+    assert ops._call_context(q, PARAMS_207)[0].fwd_tiles is None

@@ -23,7 +23,7 @@ from attention_utils import (
     reference_with_grads,
 )
 
-from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans
+from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans, triton_attention
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
 from bench.common import VIT_SHAPES
 
@@ -310,6 +310,30 @@ def test_public_api_autograd_both_forms(rule):
     assert max_error(out4, expected.transpose(1, 2)) < 1e-5
     grads = torch.autograd.grad(out4, (q, k, v), do.transpose(1, 2))
     assert max_error(torch.stack(grads, 2).permute(0, 3, 2, 1, 4), grad_ref) < 1e-5
+
+
+def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
+    """Eager calls run the custom ops' bodies directly (their dispatch was about half of a call's
+    Python cost), and a call without a gradient to track skips the autograd function too; results
+    as the float64 reference. Compiled calls keep the ops (``test_compiles_without_graph_break``)."""
+
+    def refuse(*args):
+        raise AssertionError("dispatched in eager mode")
+
+    monkeypatch.setattr(triton_attention, "_attention_fwd_op", refuse)
+    monkeypatch.setattr(triton_attention, "_attention_bwd_op", refuse)
+    layout = AttentionLayout(13, 3, 1, "raw+self")
+    qkv = torch.randn(1, layout.length, 3, 2, 16, device=KERNEL_DEVICE)
+    qkv64 = qkv.double().requires_grad_()
+    expected = adclr_attention_packed(qkv64, layout, backend="reference")
+    with torch.no_grad(), monkeypatch.context() as no_autograd:
+        no_autograd.setattr(triton_attention.TritonADCLRAttentionPacked, "apply", refuse)
+        assert max_error(adclr_attention_packed(qkv, layout, backend="triton"), expected) < 1e-5
+    out = adclr_attention_packed(qkv.requires_grad_(), layout, backend="triton")
+    do = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    (grad_ref,) = torch.autograd.grad(expected, qkv64, do.double())
+    assert max_error(out, expected) < 1e-5 and max_error(grad, grad_ref) < 1e-5
 
 
 def test_compiles_without_graph_break():
