@@ -163,7 +163,7 @@ def test_kernel_matches_float64_reference(variant, rule, R, Q, P, head_dim, stor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("variant", list(PLANS))
+@pytest.mark.parametrize("variant", [v for v in PLANS if PLANS[v].bwd != "short"])  # one tile: no blocks; L > 64
 @pytest.mark.parametrize("rule", ["raw", "raw+self", "prefix+raw"])
 def test_hidden_prefix_spanning_whole_blocks(variant, rule, dtype):
     """P = 40 is longer than the 16- and 32-key blocks: for ``raw`` and ``raw+self`` query rows start
