@@ -222,3 +222,27 @@ def test_the_table_stores_the_plan_raced_against_sdpa(tmp_path, monkeypatch, cap
         assert entry["auto"][mode] == ("triton" if ours <= sdpa else "sdpa")
     (summary_line,) = [line for line in report.tune_summary(rows) if line.startswith(" 16")]
     assert summary_line.endswith(stored.removeprefix("ours: "))
+
+
+def test_interleaved_timing_rotates_the_order_and_times_each_function():
+    """Each repetition calls every function once, starting one further along each time (no
+    candidate always first or last while the clock drifts); one warm-up call each; leaves' grads
+    reset before every call; one median per function."""
+    from bench import common
+
+    calls, leaf = [], torch.zeros(1, requires_grad=True)
+
+    def make(name):
+        def fn():
+            assert leaf.grad is None
+            leaf.grad = torch.ones(1)
+            calls.append(name)
+
+        return fn
+
+    times = common.interleaved_ms({n: make(n) for n in "abc"}, "cpu", grad_to_none=[leaf])
+    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+    reps = common.CPU_REPS
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    expected = [n for r in range(reps) for n in ("abc"[r % 3 :] + "abc"[: r % 3])]
+    assert calls[3:] == expected and reps >= 2 and common.MIN_REPS >= 50
