@@ -126,7 +126,7 @@ def forward_launches(q, k, v, o, lse, params, scale: float, plan: plans.Plan, ca
     (fp32 ``[B*H, L]``). ``capability`` None means the CPU interpreter."""
     shared_keys, query_key_start, query_self = params
     batch, heads, seq_len, _ = q.shape
-    dims = _dims(q, query_self, capability)
+    dims = {**_dims(q, query_self, capability), "HIDDEN_PREFIX": query_key_start > 0}
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     layout_args = (heads, seq_len, shared_keys, query_key_start)
     tiles = plan.fwd_tiles

@@ -100,8 +100,10 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HIDDEN_PREFIX: tl.constexpr,
 ):
-    """Output and base-2 log-sum-exp of one ``BLOCK_M`` row block (online softmax, exp2)."""
+    """Output and base-2 log-sum-exp of one ``BLOCK_M`` row block (online softmax, exp2).
+    ``HIDDEN_PREFIX``: the rule hides keys below ``query_key_start > 0`` from the query rows."""
     row_blocks = tl.cdiv(seq_len, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // row_blocks).to(tl.int64)
@@ -144,21 +146,22 @@ def _fwd_kernel(
     # holds inf or NaN, and a zero weight times NaN is NaN: each such block runs the P V product twice,
     # on V as it is (raw rows) and on V loaded without the hidden keys (query rows). Kept out of the
     # main loop, whose pipelining and registers stay those of a plain flash loop.
-    for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=1):
-        keys = start_n + offs_n
-        key_ok = keys < shared_keys
-        kT = tl.load(
-            k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
-        )
-        v_ptrs = v_base + keys[:, None] * stride_vl + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        v_query = tl.load(v_ptrs, mask=(key_ok & (keys >= query_key_start))[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], s, float("-inf"))
-        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
-        acc_raw = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        acc = tl.dot(p.to(v.dtype), v_query, acc, input_precision=PRECISION)
-        acc = tl.where(is_query[:, None], acc, acc_raw)
+    if HIDDEN_PREFIX:  # rules that hide the prefix from query rows (compiled only for them)
+        for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=1):
+            keys = start_n + offs_n
+            key_ok = keys < shared_keys
+            kT = tl.load(
+                k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
+            )
+            v_ptrs = v_base + keys[:, None] * stride_vl + offs_d[None, :]
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            v_query = tl.load(v_ptrs, mask=(key_ok & (keys >= query_key_start))[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+            s = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], s, float("-inf"))
+            p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
+            acc_raw = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            acc = tl.dot(p.to(v.dtype), v_query, acc, input_precision=PRECISION)
+            acc = tl.where(is_query[:, None], acc, acc_raw)
 
     for start_n in range(full_lo, shared_keys, BLOCK_N):
         keys = start_n + offs_n
