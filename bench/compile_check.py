@@ -43,7 +43,7 @@ from adclr.kernels import plans
 from adclr.kernels import triton_attention as ops
 from bench.common import DTYPES
 
-KERNELS = ("v2_fwd", "fused", "short", "v1_fwd", "v1_dkdv", "v1_dq")
+KERNELS = ("v2_fwd", "fused", "short")
 VIT_LENGTHS = (47, 207, 795)  # the attention lengths of ViT pretraining (96 px, 224 px at /16, 224 px at /8)
 HEADS = 6
 # Per SM: shared memory a CTA may use (opt-in maximum), register file, resident warps and CTAs.
@@ -70,8 +70,6 @@ class Case:
 
 def _plan_for(kernel: str, seq_len: int, head_dim: int, dtype: torch.dtype, overrides: dict) -> plans.Plan:
     plan = plans.default_plan(seq_len, head_dim, dtype)
-    if kernel.startswith("v1_"):
-        return plans.Plan("v1", None, "v1", None)
     if kernel == "v2_fwd":
         return dataclasses.replace(plan, fwd="v2", fwd_tiles=overrides.get("v2_fwd", plan.fwd_tiles))
     if kernel == "short":
@@ -87,7 +85,9 @@ def real_launch(case: Case, overrides: dict) -> ops.Launch:
     qkv = torch.zeros(1, case.seq_len, 3, HEADS, case.head_dim, dtype=dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     num_query = 10 if case.seq_len > 10 else 0
-    params = (case.seq_len - num_query, 1 if num_query else 0, case.query_self and num_query > 0)
+    # self=False: the default rule prefix+raw; self=True: raw+self (the prefix hidden from query rows too).
+    query_self = case.query_self and num_query > 0
+    params = (case.seq_len - num_query, 1 if query_self else 0, query_self)
     plan = _plan_for(case.kernel, case.seq_len, case.head_dim, dtype, overrides)
     capability = divmod(case.arch, 10)
     _, o, lse = ops.forward_outputs(q, seq_major=True)

@@ -5,20 +5,22 @@
     python -m bench.tune --skip_precompile                # Triton's cache is already warm
     TRITON_INTERPRET=1 python -m bench.tune --device cpu --tiny --table_dir /tmp/tiles   # smoke test
 
-1. Every candidate (forward: v1, v2 x tiles; backward: v1, fused x tiles, short x warps where L
+1. Every candidate (forward: v2 x tiles; backward: fused x tiles, short x warps where L
    fits one tile) is compiled first in a pool of processes that share Triton's on-disk cache, by
    running it once at batch 1 with the real strides (what a ViT call specialises to).
 2. Per case (shape x rule x dtype, most important first): each candidate runs once into NaN-filled
    outputs and must pass the test suite's accuracy rule against a float32 SDPA result (error at most
    twice SDPA's own in the same dtype plus one ulp; the forward's log-sum-exp, which the backward
    reads, within 1e-4 relative of the fp32 one over each row's allowed keys); only then are its
-   kernels timed alone (``triton.testing.do_bench``, L2 flushed between repetitions). An inexact or
+   kernels timed alone (``bench.common.interleaved_ms``: CUDA events, L2 flushed before each call, at
+   least 50 repetitions; the GPU is first kept busy until its clock is stable). An inexact or
    failing candidate is reported and never chosen.
 3. The shapes that share a key (head dim, sequence bucket, dtype, mask kind) decide its plan: the
    forward and the backward exact on all of them with the least summed time.
 4. That plan, the one the table stores, is timed end to end through the public API (forward under
    ``no_grad``; forward + backward) on every shape of the key, side by side with the exact SDPA
-   fallback (``backend="sdpa"``); ``auto`` takes, per mode, whichever summed lower. The table is
+   fallback (``backend="sdpa"``), the two interleaved call by call (50 repetitions each); ``auto``
+   takes, per mode, whichever summed lower. The table is
    merged into the existing one and rewritten after every key (atomic replace), so a run cut short
    keeps what it measured; ``--budget_s`` stops starting new keys.
 
@@ -43,7 +45,7 @@ import torch
 
 from adclr.kernels import adclr_attention_packed, plans
 from adclr.kernels import triton_attention as ops
-from bench.common import DTYPES, ERROR_FLOOR, VIT_SHAPES, Case, median_ms
+from bench.common import DTYPES, ERROR_FLOOR, VIT_SHAPES, Case, interleaved_ms, warm_until_stable
 from bench.report import atomic_write, device_stamp, results_dir
 
 # Most important first, so a run cut short by --budget_s has the keys training uses most: the default
@@ -60,13 +62,13 @@ class Candidate:
 
     direction: str
     variant: str
-    tiles: plans.Tiles | None
+    tiles: plans.Tiles
 
     def label(self) -> str:
-        return self.variant if self.tiles is None else f"{self.variant} {self.tiles}"
+        return f"{self.variant} {self.tiles}"
 
     def to_json(self) -> dict:
-        return {"variant": self.variant, "tiles": None if self.tiles is None else self.tiles.to_json()}
+        return {"variant": self.variant, "tiles": self.tiles.to_json()}
 
 
 def candidates(case: Case, tiny: bool) -> list[Candidate]:
@@ -83,8 +85,7 @@ def candidates(case: Case, tiny: bool) -> list[Candidate]:
         forward = [plans.fwd_tiles(length, case.head_dim, dtype)]
         fused = [plans.fused_tiles(length, case.head_dim, dtype)]
         short = [plans.short_tiles(length, case.head_dim)]
-    out = [Candidate("fwd", "v1", None)] + [Candidate("fwd", "v2", t) for t in forward]
-    out += [Candidate("bwd", "v1", None)] + [Candidate("bwd", "fused", t) for t in fused]
+    out = [Candidate("fwd", "v2", t) for t in forward] + [Candidate("bwd", "fused", t) for t in fused]
     if plans.short_eligible(length, case.head_dim):
         out += [Candidate("bwd", "short", t) for t in short]
     return out
@@ -235,7 +236,8 @@ class Measurement:
         launches, status, error, bound = self.check(candidate)
         if status != "ok":
             return math.nan, status, error, bound
-        return median_ms(lambda: [launch() for launch in launches], self.device, warmup=3, rep=10), status, error, bound
+        run = {"kernel": lambda: [launch() for launch in launches]}
+        return interleaved_ms(run, self.device)["kernel"], status, error, bound
 
 
 def measure_case(case: Case, device: str, tiny: bool, failed: dict, rows: list) -> dict:
@@ -288,6 +290,9 @@ def _public_call(qkv, do, layout, backend: str, plan: plans.Plan, backward: bool
     return run
 
 
+BACKENDS = (("sdpa", "sdpa"), ("ours", "triton"))
+
+
 def end_to_end(case: Case, device: str, fwd: Candidate, bwd: Candidate, rows: list) -> dict:
     """The public call as a model makes it (``fwd`` under no_grad; ``fwd+bwd``), timed with the key's
     stored plan and with the exact SDPA fallback: ``{("ours" | "sdpa", mode): ms}``."""
@@ -298,9 +303,10 @@ def end_to_end(case: Case, device: str, fwd: Candidate, bwd: Candidate, rows: li
     times = {}
     for mode in ("fwd", "fwd+bwd"):
         leaf = qkv.detach().requires_grad_(mode != "fwd")
-        for who, backend in (("sdpa", "sdpa"), ("ours", "triton")):
-            run = _public_call(leaf, do, layout, backend, plan, backward=mode != "fwd")
-            times[(who, mode)] = median_ms(run, device, [leaf], warmup=3, rep=10)
+        runs = {who: _public_call(leaf, do, layout, backend, plan, mode != "fwd") for who, backend in BACKENDS}
+        measured = interleaved_ms(runs, device, grad_to_none=[leaf])  # ours and SDPA alternate
+        for who, _ in BACKENDS:
+            times[(who, mode)] = measured[who]
             label = "sdpa" if who == "sdpa" else plan_label(fwd, bwd)
             rows.append(_row(case, f"e2e {mode}", label, times[(who, mode)], math.nan, math.nan, "ok"))
     return times
@@ -429,6 +435,7 @@ def main(argv=None) -> str:
     dtypes = ["fp32"] if args.tiny else args.dtypes
     cases = make_cases(shapes, args.rules, dtypes)
     failed = {} if args.skip_precompile else precompile(cases, args.device, args.tiny, args.jobs)
+    warm_until_stable(args.device)  # before the first candidate: an idle GPU runs at a low clock
     if args.precompile_only:
         print(f"precompiled in {time.time() - start:.0f} s; {len(failed)} failed")
         return ""

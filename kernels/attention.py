@@ -5,8 +5,9 @@ off CUDA, below sm80, for float64 and with dropout; on CUDA sm80+ the fastest ex
 tuned table measured for the call's head dim, sequence bucket, dtype, mask kind and mode (forward
 only, or forward + backward when a gradient is needed), which may be SDPA. Without a table entry:
 the fused Triton kernel for the ADCLR masks at padded head dim <= 64 in fp16/bf16 (what its built-in
-tiles were sized for), SDPA for everything else: the ``full`` mask (every call without query tokens,
-where SDPA is one FlashAttention call computing the same function), head dims above 64 and fp32.
+tiles were sized for; forward + backward only up to L = 512), SDPA for everything else: the ``full``
+mask (every call without query tokens, where SDPA is one FlashAttention call computing the same
+function), head dims above 64, fp32, and training at L > 512.
 ``triton`` forces the fused kernel wherever it can run; ``reference`` is the explicit (slow) form.
 """
 

@@ -3,11 +3,10 @@ tables (``kernels/tiles/<gpu>.json``, written by ``python -m bench.tune``) and a
 
 A call is keyed by ``ShapeKey``: the padded head dim, a sequence-length bucket, the dtype and the mask
 kind (``full`` when every row sees every key, else the query-key rule). A ``Plan`` names the forward
-variant (``v2``; ``v1`` is the first kernel, kept for comparison) and the backward variant (``short``:
-one program per head, L <= 128; ``fused``: one launch for any L; ``v1``: three launches), each with
-its tiles. Resolution order: ``forced_plan`` (the tuner and tests) > the tuned table of this GPU >
-the built-in defaults below. A missing, unreadable or invalid table entry falls back to the defaults
-with one warning; the table is read once per process (``clear_table_cache`` forgets it).
+variant (``v2``) and the backward variant (``short``: one program per head, L <= 128; ``fused``: one
+launch for any L), each with its tiles. Resolution order: ``forced_plan`` (the tuner and tests) > the
+tuned table of this GPU > the built-in defaults below. A missing, unreadable or invalid table entry
+falls back to the defaults with one warning; the table is read once per process (``clear_table_cache`` forgets it).
 
 ``auto_backend`` is ``backend="auto"``'s choice on an sm80+ GPU: the table's measured backend for the
 key, else ``default_backend``: our kernel only where the built-in tiles were sized (ADCLR masks,
@@ -31,10 +30,10 @@ BUCKET_NAMES = tuple(str(b) for b in SEQ_BUCKETS) + ("long",)
 MASK_KINDS = ("full", "prefix+raw", "raw", "prefix+raw+self", "raw+self")
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 BLOCK_DS = (16, 32, 64, 128, 256)
-FWD_VARIANTS = ("v2", "v1")
-BWD_VARIANTS = ("short", "fused", "v1")
-SHORT_MAX_LEN = 128  # the single-pass backward holds the whole sequence in one tile...
-SHORT_MAX_TILE = 64 * 128  # ...of at most this many elements (L x D padded): beyond, it spills
+FWD_VARIANTS = ("v2",)
+BWD_VARIANTS = ("short", "fused")
+SHORT_MAX_LEN = 64  # the single-pass backward holds the whole sequence in one tile of at most 64 rows...
+SHORT_MAX_TILE = 64 * 128  # ...and this many elements (L x D padded): 128-row tiles spill on sm90
 TILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles")
 TABLE_SCHEMA = 1
 
@@ -128,7 +127,8 @@ def tiles_sized_for(head_dim: int, dtype: torch.dtype) -> bool:
 
 
 def short_eligible(seq_len: int, head_dim: int) -> bool:
-    """Whether the short backward can run: L <= 128 and the padded L x D tile <= 64 x 128."""
+    """Whether the short backward can run: L <= 64 and the padded L x D tile <= 64 x 128 (a 128-row
+    tile spills on sm90 even at 8 warps: 255 registers and 56 bytes of stack at D = 64)."""
     return seq_len <= SHORT_MAX_LEN and short_block(seq_len) * block_d(head_dim) <= SHORT_MAX_TILE
 
 
@@ -139,27 +139,18 @@ def short_block(seq_len: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # Built-in tables (GPU). Sized from offline compiles (bench/compile_check.py, sm90/sm80/sm70; registers
-# and spills recorded in bench/NOTES.md): 4 warps wherever that does not spill.
+# and spills recorded in bench/NOTES.md): 4 warps wherever that does not spill. At D <= 64 in half
+# precision the 64 x 64 forward and the 64 x 32 fused backward take a third pipeline stage: the
+# forward gets it at no register cost (triton 3.6 and 3.8); the fused backward's dO/O loads are
+# single-buffered at two stages, and at three it keeps its registers and CTAs per SM on sm90 and sm80
+# (triton 3.8: 165 / 223 registers with / without +self on sm90, 44 KB of shared memory).
 # --------------------------------------------------------------------------------------------------
 
 T = Tiles
-# v1: today's tables, by head dim only (kernels/triton_v1.py).
-V1_TILES = {
-    torch.float16: {
-        "fwd": ((64, T(128, 64, 8, 3)), (128, T(64, 64, 8, 2)), (256, T(64, 32, 8, 2))),
-        "dkdv": ((64, T(64, 64, 8, 3)), (128, T(64, 32, 8, 2)), (256, T(32, 32, 8, 2))),
-        "dq": ((64, T(64, 64, 8, 3)), (128, T(64, 32, 8, 2)), (256, T(32, 32, 8, 2))),
-    },
-    torch.float32: {  # fp32 operands: twice the bytes, and tf32x3 / FMA products need more registers
-        "fwd": ((64, T(64, 32, 4, 2)), (128, T(32, 32, 8, 2))),
-        "dkdv": ((64, T(64, 32, 8, 2)), (128, T(32, 32, 8, 2))),
-        "dq": ((64, T(32, 32, 4, 2)), (128, T(32, 32, 8, 2))),
-    },
-}
 # v2 forward: by head dim, then by sequence bucket ("*" for every bucket not listed).
 V2_FWD_TILES = {
     torch.float16: {
-        64: {"*": T(64, 64, 4, 2), "512": T(128, 64, 8, 3), "1024": T(128, 64, 8, 3), "long": T(128, 64, 8, 3)},
+        64: {"*": T(64, 64, 4, 3), "512": T(128, 64, 8, 3), "1024": T(128, 64, 8, 3), "long": T(128, 64, 8, 3)},
         128: {"*": T(64, 64, 4, 2), "1024": T(128, 64, 8, 2), "long": T(128, 64, 8, 2)},
         256: {"*": T(64, 32, 8, 2)},
     },
@@ -167,13 +158,13 @@ V2_FWD_TILES = {
 }
 # Fused backward: (owned block, stepped block).
 V2_FUSED_TILES = {
-    torch.float16: {64: {"*": T(64, 32, 4, 2)}, 128: {"*": T(64, 32, 8, 2)}, 256: {"*": T(16, 16, 4, 1)}},
+    torch.float16: {64: {"*": T(64, 32, 4, 3)}, 128: {"*": T(64, 32, 8, 2)}, 256: {"*": T(16, 16, 4, 1)}},
     torch.float32: {64: {"*": T(16, 32, 4, 2)}, 128: {"*": T(16, 32, 8, 1)}},
 }
-SHORT_DEFAULT_MAX_LEN = 64  # without a tuned table, the short backward only where one 64-row tile holds L
 INTERPRETER_TILES = T(32, 32, 1, 1)  # the CPU interpreter: small blocks exercise boundary and interior paths
 # What the tuner (bench/tune.py) and ADCLR_AUTOTUNE=1 try at head dims <= 64, all free of spills on sm90
-# and sm80 (bench/compile_check.py); larger head dims try the table's tile only.
+# (bench/compile_check.py); on sm80 the fused 64 x 32 tiles sit at 255 registers and spill (8 bytes
+# with triton 3.6 without +self). Larger head dims try the table's tile only.
 FWD_CANDIDATES = (
     T(64, 64, 4, 2),
     T(64, 64, 4, 3),
@@ -197,14 +188,6 @@ def _by_head_dim(table: dict, head_dim: int, what: str):
     raise ValueError(f"head dim {head_dim} exceeds the largest the {what} tile table covers")
 
 
-def v1_tiles(kind: str, head_dim: int, dtype: torch.dtype) -> Tiles:
-    """Tiles of v1 kernel ``kind`` (``fwd``, ``dkdv``, ``dq``) by head dim."""
-    for bound, tiles in V1_TILES[_half_or_fp32(dtype)][kind]:
-        if head_dim <= bound:
-            return tiles
-    raise ValueError(f"head dim {head_dim} exceeds the largest the v1 tile table covers for {dtype}")
-
-
 def fwd_tiles(seq_len: int, head_dim: int, dtype: torch.dtype) -> Tiles:
     """The built-in tiles of the v2 forward."""
     by_bucket = _by_head_dim(V2_FWD_TILES[_half_or_fp32(dtype)], head_dim, str(dtype))
@@ -224,9 +207,9 @@ def short_tiles(seq_len: int, head_dim: int) -> Tiles:
 
 def default_plan(seq_len: int, head_dim: int, dtype: torch.dtype, interpreting: bool = False) -> Plan:
     """The plan without a tuned table: v2 forward; in half precision the short backward where one
-    64-row tile holds the sequence (fp32's exact products spill there), fused otherwise. Under the
+    tile holds the sequence (fp32's exact products spill there), fused otherwise. Under the
     interpreter the same variants with small tiles."""
-    short = seq_len <= SHORT_DEFAULT_MAX_LEN and short_eligible(seq_len, head_dim) and dtype != torch.float32
+    short = short_eligible(seq_len, head_dim) and dtype != torch.float32
     if interpreting:
         return Plan("v2", INTERPRETER_TILES, "short" if short else "fused", INTERPRETER_TILES)
     fwd = fwd_tiles(seq_len, head_dim, dtype)
@@ -240,12 +223,19 @@ def default_plan(seq_len: int, head_dim: int, dtype: torch.dtype, interpreting: 
 # --------------------------------------------------------------------------------------------------
 
 
-def default_backend(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params) -> str:
+UNTUNED_BACKWARD_MAX_LEN = 512  # untuned forward + backward beyond this length stays on SDPA
+
+
+def default_backend(seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params, mode: str) -> str:
     """``auto``'s backend for a key the tuned table has not measured. Ours for the ADCLR masks at
     padded head dim <= 64 in fp16/bf16 (what the built-in tiles were sized for); SDPA for the ``full``
     mask (no query tokens: SDPA is then one FlashAttention call computing the same function), for
-    larger head dims and for fp32, where nothing has shown ours to be faster."""
+    larger head dims and for fp32, where nothing has shown ours to be faster, and for forward +
+    backward (``mode`` ``fwd+bwd``) at L > 512: there the backward is compute-bound and ours does 1.4x
+    the products of FlashAttention-2's (bench/NOTES.md), so only a measurement may send it to ours."""
     if mask_kind(seq_len, *kernel_params) == "full" or not tiles_sized_for(head_dim, dtype):
+        return "sdpa"
+    if mode == "fwd+bwd" and seq_len > UNTUNED_BACKWARD_MAX_LEN:
         return "sdpa"
     return "triton"
 
@@ -279,12 +269,7 @@ class TunedEntry:
 def _variant(obj, variants: tuple, what: str) -> tuple[str, Tiles | None]:
     if not isinstance(obj, dict) or obj.get("variant") not in variants:
         raise ValueError(f"{what} must be an object with variant in {variants}, got {obj!r}")
-    tiles = obj.get("tiles")
-    if obj["variant"] == "v1":
-        if tiles is not None:
-            raise ValueError(f"{what}: v1 uses its own tile table, got tiles {tiles!r}")
-        return "v1", None
-    return obj["variant"], Tiles.from_json(tiles)
+    return obj["variant"], Tiles.from_json(obj.get("tiles"))
 
 
 def parse_entry(obj) -> tuple[ShapeKey, TunedEntry]:
@@ -348,10 +333,21 @@ def _device_table(device_name: str, directory: str) -> dict[ShapeKey, TunedEntry
     return load_table(table_path(device_name, directory))
 
 
+_table_generation = [0]  # bumped by clear_table_cache: plans decided from older tables are stale
+
+
 def clear_table_cache() -> None:
     """Forget every table read so far, so the next call reads the files again (tests, the tuner)."""
     _device_table.cache_clear()
     load_table.cache_clear()
+    _table_generation[0] += 1
+
+
+def resolution_state() -> tuple:
+    """Everything besides the call's shape key that ``resolve_plan`` reads: the innermost forced plan,
+    ``ADCLR_AUTOTUNE``, the tables' folder and which tables were read. Callers that cache plans per
+    shape key add this to the key, so a change to any of them is seen on the next call."""
+    return (_forced[-1] if _forced else None, autotune_enabled(), tiles_dir(), _table_generation[0])
 
 
 def tuned_entry(device_name: str, key: ShapeKey) -> TunedEntry | None:
@@ -392,7 +388,7 @@ def autotune_enabled() -> bool:
 
 
 def autotunes(head_dim: int, dtype: torch.dtype) -> bool:
-    """``ADCLR_AUTOTUNE=1`` lets Triton's autotuner pick the tiles (v1, v2 forward, fused backward) per
+    """``ADCLR_AUTOTUNE=1`` lets Triton's autotuner pick the tiles (v2 forward, fused backward) per
     (head dim, rule, dtype and, for v2, sequence bucket) instead of the tables, but only where its
     candidates are free of spills: padded head dim <= 64 in fp16/bf16. Other calls keep the table tiles."""
     return autotune_enabled() and tiles_sized_for(head_dim, dtype)
@@ -433,4 +429,4 @@ def auto_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dty
     """``backend="auto"`` on an sm80+ GPU: the tuned table's backend for the key and ``mode`` (``fwd``
     or ``fwd+bwd``), else ``default_backend``."""
     tuned = tuned_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode)
-    return tuned or default_backend(seq_len, head_dim, dtype, kernel_params)
+    return tuned or default_backend(seq_len, head_dim, dtype, kernel_params, mode)

@@ -1,9 +1,8 @@
 """Fused ADCLR attention in Triton: raw self-attention and query->raw cross-attention in one pass.
 
-Tiers (as in Liger-Kernel): ``@triton.jit`` kernels (``triton_v2.py``; ``triton_v1.py``, the first
-kernel, kept selectable) -> launchers (``forward_launches`` / ``backward_launches``, run by
-``_forward`` / ``_backward``) -> ``torch.library`` custom ops (opaque to ``torch.compile``) ->
-``torch.autograd.Function``.
+Tiers (as in Liger-Kernel): ``@triton.jit`` kernels (``triton_v2.py``) -> launchers
+(``forward_launches`` / ``backward_launches``, run by ``_forward`` / ``_backward``) ->
+``torch.library`` custom ops (opaque to ``torch.compile``) -> ``torch.autograd.Function``.
 
 The block structure comes from ``AttentionLayout.kernel_params`` = ``(S, Q0, SELF)``: rows ``< S``
 see keys ``[0, S)``; rows ``>= S`` (query tokens) see ``[Q0, S)`` plus, when ``SELF``, their own key.
@@ -17,6 +16,7 @@ fp16/bf16 only (where its candidates are spill-free); other calls keep the table
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import triton
 
-from . import plans, triton_v1, triton_v2
+from . import plans, triton_v2
 from .layout import AttentionLayout
 
 LOG2E = 1.4426950408889634
@@ -44,28 +44,18 @@ def _fused_configs(tiles):
     return [triton.Config({"BLOCK_OWN": m, "BLOCK_STEP": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-# ADCLR_AUTOTUNE=1: the autotuner picks tiles once per (head dim, rule, dtype and, for v2, sequence bucket)
-# instead of the tables; it tries the first few of the tuner's candidates. Those are spill-free on sm90/sm80
-# only at padded head dim <= 64 in fp16/bf16, so only such calls autotune (``plans.autotunes``); every
-# other call keeps the table tiles.
-_V1_KEY = ["BLOCK_D", "QUERY_SELF"]  # v1 predates the bucket (the autotuner adds the dtypes itself)
-_V2_KEY = ["BLOCK_D", "QUERY_SELF", "seq_bucket"]
+# ADCLR_AUTOTUNE=1: the autotuner picks tiles once per (head dim, rule, dtype, sequence bucket) instead of
+# the tables; it tries the first few of the tuner's candidates. Those are spill-free on sm90/sm80 only at
+# padded head dim <= 64 in fp16/bf16, so only such calls autotune (``plans.autotunes``); every other call
+# keeps the table tiles.
+_AUTOTUNE_KEY = ["BLOCK_D", "QUERY_SELF", "seq_bucket"]
 _AUTOTUNE_COUNT = 3
 _AUTOTUNED = {
-    "v1_fwd": triton.autotune(_autotune_configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]), key=_V1_KEY)(
-        triton_v1._fwd_kernel
-    ),
-    "v1_dkdv": triton.autotune(_autotune_configs([(64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 4)]), key=_V1_KEY)(
-        triton_v1._bwd_dkdv_kernel
-    ),
-    "v1_dq": triton.autotune(_autotune_configs([(64, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 4)]), key=_V1_KEY)(
-        triton_v1._bwd_dq_kernel
-    ),
     "v2_fwd": triton.autotune(
-        _autotune_configs(dataclasses.astuple(t) for t in plans.FWD_CANDIDATES[:_AUTOTUNE_COUNT]), key=_V2_KEY
+        _autotune_configs(dataclasses.astuple(t) for t in plans.FWD_CANDIDATES[:_AUTOTUNE_COUNT]), key=_AUTOTUNE_KEY
     )(triton_v2._fwd_kernel),
     "fused": triton.autotune(
-        _fused_configs(dataclasses.astuple(t) for t in plans.FUSED_CANDIDATES[:_AUTOTUNE_COUNT]), key=_V2_KEY
+        _fused_configs(dataclasses.astuple(t) for t in plans.FUSED_CANDIDATES[:_AUTOTUNE_COUNT]), key=_AUTOTUNE_KEY
     )(triton_v2._bwd_fused_kernel),
 }
 
@@ -93,7 +83,7 @@ class Launch:
 
 def _strides(t: torch.Tensor):
     """(batch, head, sequence) strides of a ``[B, H, L, D]`` view whose last dim is contiguous."""
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
 
 
 def dot_precision(dtype: torch.dtype, capability: tuple[int, int] | None) -> str:
@@ -106,12 +96,17 @@ def dot_precision(dtype: torch.dtype, capability: tuple[int, int] | None) -> str
 
 
 def _dims(q: torch.Tensor, query_self: bool, capability) -> dict:
-    head_dim = q.shape[-1]
+    return _dims_of(q.shape[-1], q.dtype, query_self, capability)
+
+
+@functools.lru_cache(maxsize=256)
+def _dims_of(head_dim: int, dtype: torch.dtype, query_self: bool, capability) -> dict:
+    """The constexprs every kernel of a call shares (cached: the same few per model; callers copy)."""
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=plans.block_d(head_dim),
         QUERY_SELF=query_self,
-        PRECISION=dot_precision(q.dtype, capability),
+        PRECISION=dot_precision(dtype, capability),
     )
 
 
@@ -121,12 +116,7 @@ def _check_grid(programs: int) -> int:
     return programs
 
 
-def _v1_tiles(kind: str, q: torch.Tensor, capability) -> plans.Tiles:
-    if capability is None:
-        return plans.INTERPRETER_TILES
-    return plans.v1_tiles(kind, q.shape[-1], q.dtype)
-
-
+@functools.lru_cache(maxsize=1024)
 def _bucket_index(seq_len: int) -> int:
     return plans.BUCKET_NAMES.index(plans.seq_bucket(seq_len))
 
@@ -136,22 +126,14 @@ def forward_launches(q, k, v, o, lse, params, scale: float, plan: plans.Plan, ca
     (fp32 ``[B*H, L]``). ``capability`` None means the CPU interpreter."""
     shared_keys, query_key_start, query_self = params
     batch, heads, seq_len, _ = q.shape
-    dims = _dims(q, query_self, capability)
+    dims = {**_dims(q, query_self, capability), "HIDDEN_PREFIX": query_key_start > 0}
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     layout_args = (heads, seq_len, shared_keys, query_key_start)
-    if plan.fwd == "v1":
-        autotuned = plans.autotunes(q.shape[-1], q.dtype) and capability is not None
-        kernel = _AUTOTUNED["v1_fwd"] if autotuned else triton_v1._fwd_kernel
-        tiles = None if autotuned else _v1_tiles("fwd", q, capability)
-        args = (q, k, v, o, lse, *strides, *layout_args, scale * LOG2E)
-        grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
-        blocks = {} if tiles is None else dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
-        return [Launch("v1_fwd", kernel, grid, args, {**dims, **blocks}, tiles)]
     tiles = plan.fwd_tiles
     args = (q, k, v, o, lse, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E)
     grid = lambda meta: (_check_grid(triton.cdiv(seq_len, meta["BLOCK_M"]) * batch * heads),)  # noqa: E731
     if tiles is None:
-        return [Launch("v2_fwd", _AUTOTUNED["v2_fwd"], grid, args, dims, None)]
+        return [Launch("v2_fwd", _AUTOTUNED["v2_fwd"], grid, args, dict(dims), None)]
     blocks = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
     return [Launch("v2_fwd", triton_v2._fwd_kernel, grid, args, {**dims, **blocks}, tiles)]
 
@@ -162,63 +144,24 @@ def backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan: plan
     shared_keys, query_key_start, query_self = params
     batch, heads, seq_len, head_dim = q.shape
     dims = _dims(q, query_self, capability)
-    layout_args = (heads, seq_len, shared_keys, query_key_start)
-    if plan.bwd == "v1":
-        return _v1_backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, capability)
-    strides = tuple(s for t in (q, k, v, o, do, dq, dk, dv) for s in _strides(t))
-    args = (q, k, v, o, do, lse, dq, dk, dv, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E, scale)
+    scalars = (heads, seq_len, shared_keys, query_key_start, _bucket_index(seq_len), scale * LOG2E, scale)
     tiles = plan.bwd_tiles
     if plan.bwd == "short":
         if not plans.short_eligible(seq_len, head_dim):
             raise ValueError(f"the short backward cannot hold L = {seq_len}, head dim {head_dim} in one tile")
-        strides = tuple(s for t in (q, k, v, do, dq, dk, dv) for s in _strides(t))  # no O: Delta from the tile
-        args = (q, k, v, do, lse, dq, dk, dv, *strides, *layout_args, _bucket_index(seq_len), scale * LOG2E, scale)
+        tensors = (q, k, v, do, dq, dk, dv)  # no O: Delta comes from the tile
+        strides = [s for t in tensors for s in t.stride()[:3]]
+        args = (q, k, v, do, lse, dq, dk, dv, *strides, *scalars)
         tiles = tiles or plans.short_tiles(seq_len, head_dim)
-        block = dict(BLOCK_L=plans.short_block(seq_len))
+        block = dict(BLOCK_L=plans.short_block(seq_len), HIDDEN_KEYS=query_key_start > 0 or query_self)
         return [Launch("short", triton_v2._bwd_short_kernel, (batch * heads,), args, {**dims, **block}, tiles)]
+    strides = [s for t in (q, k, v, o, do, dq, dk, dv) for s in t.stride()[:3]]
+    args = (q, k, v, o, do, lse, dq, dk, dv, *strides, *scalars)
     grid = lambda meta: (_check_grid(2 * triton.cdiv(seq_len, meta["BLOCK_OWN"]) * batch * heads),)  # noqa: E731
     if tiles is None:
-        return [Launch("fused", _AUTOTUNED["fused"], grid, args, dims, None)]
+        return [Launch("fused", _AUTOTUNED["fused"], grid, args, dict(dims), None)]
     blocks = dict(BLOCK_OWN=tiles.block_m, BLOCK_STEP=tiles.block_n)
     return [Launch("fused", triton_v2._bwd_fused_kernel, grid, args, {**dims, **blocks}, tiles)]
-
-
-def _v1_backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, capability) -> list[Launch]:
-    """v1: Delta = rowsum(dO * O), then dK/dV by key block and dQ by row block (three launches)."""
-    shared_keys, query_key_start, query_self = params
-    batch, heads, seq_len, head_dim = q.shape
-    dims = _dims(q, query_self, capability)
-    delta = torch.empty_like(lse)
-    delta_block = 32 if capability is None else 64
-    launches = [
-        Launch(
-            "v1_delta",
-            triton_v1._bwd_delta_kernel,
-            (batch * heads, triton.cdiv(seq_len, delta_block)),
-            (o, do, delta, *_strides(o), *_strides(do), heads, seq_len),
-            dict(HEAD_DIM=head_dim, BLOCK_D=dims["BLOCK_D"], BLOCK_M=delta_block),
-            plans.Tiles(0, 0, 4, 1),
-        )
-    ]
-    layout_args = (heads, seq_len, shared_keys, query_key_start, scale * LOG2E, scale)
-    autotuned = plans.autotunes(head_dim, q.dtype) and capability is not None
-    for kind, out_strides, grid_block in (
-        ("dkdv", (*_strides(dk), *_strides(dv)), "BLOCK_N"),
-        ("dq", _strides(dq), "BLOCK_M"),
-    ):
-        tiles = None if autotuned else _v1_tiles(kind, q, capability)
-        outputs = (dk, dv) if kind == "dkdv" else (dq,)
-        args = (q, k, v, do, lse, delta, *outputs, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        args = (*args, *out_strides, *layout_args)
-        grid = functools.partial(_v1_grid, batch * heads, seq_len, grid_block)
-        blocks = {} if tiles is None else dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
-        kernel = _AUTOTUNED[f"v1_{kind}"] if autotuned else getattr(triton_v1, f"_bwd_{kind}_kernel")
-        launches.append(Launch(f"v1_{kind}", kernel, grid, args, {**dims, **blocks}, tiles))
-    return launches
-
-
-def _v1_grid(heads_total: int, seq_len: int, block: str, meta) -> tuple[int, int]:
-    return heads_total, triton.cdiv(seq_len, meta[block])
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -231,28 +174,45 @@ def _device_info(index: int) -> tuple[str, tuple[int, int]]:
 
 
 def _call_context(q: torch.Tensor, params) -> tuple[plans.Plan, tuple[int, int] | None]:
-    """The plan and the target capability (None: the interpreter) of a call."""
+    """The plan and the target capability (None: the interpreter) of a call, decided once per shape
+    key, device and resolution state (``plans.resolution_state``: a forced plan, ADCLR_AUTOTUNE, the
+    tables read) rather than on every call."""
     _, _, seq_len, head_dim = q.shape
-    if _interpreting(q):
-        return plans.resolve_plan(seq_len, head_dim, q.dtype, params, None), None
-    name, capability = _device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    return plans.resolve_plan(seq_len, head_dim, q.dtype, params, name), capability
+    device = None
+    if not _interpreting(q):
+        device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _context_of(seq_len, head_dim, q.dtype, params, device, plans.resolution_state())
+
+
+@functools.lru_cache(maxsize=1024)
+def _context_of(seq_len: int, head_dim: int, dtype: torch.dtype, params, device, state):
+    if device is None:
+        return plans.resolve_plan(seq_len, head_dim, dtype, params, None), None
+    name, capability = _device_info(device)
+    return plans.resolve_plan(seq_len, head_dim, dtype, params, name), capability
+
+
+def run_launches(launches: list[Launch], device: torch.device) -> None:
+    """Run ``launches`` with ``device`` as the current CUDA device: Triton launches on the current
+    device (and its stream), not on the tensors', so a call on ``cuda:1`` while ``cuda:0`` is current
+    would otherwise read foreign addresses."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for launch in launches:
+            launch()
 
 
 def _forward(q, k, v, o, lse, shared_keys: int, query_key_start: int, query_self: bool, scale: float) -> None:
     """Write the output into ``o`` (a ``[B, H, L, D]`` view) and the base-2 log-sum-exp into ``lse``."""
     params = (shared_keys, query_key_start, query_self)
     plan, capability = _call_context(q, params)
-    for launch in forward_launches(q, k, v, o, lse, params, scale, plan, capability):
-        launch()
+    run_launches(forward_launches(q, k, v, o, lse, params, scale, plan, capability), q.device)
 
 
 def _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys: int, query_key_start: int, query_self: bool, scale: float):
     """Write dQ, dK, dV (``[B, H, L, D]`` views) for the forward that produced ``o`` and ``lse``."""
     params = (shared_keys, query_key_start, query_self)
     plan, capability = _call_context(q, params)
-    for launch in backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan, capability):
-        launch()
+    run_launches(backward_launches(do, q, k, v, o, lse, dq, dk, dv, params, scale, plan, capability), q.device)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -284,11 +244,11 @@ def gradient_outputs(q: torch.Tensor, seq_major: bool):
 
 # --------------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile, so a compiled model keeps the fused kernel without a graph break.
+# Eager calls skip the op's dispatch (about half the Python cost of a call) and run its body directly.
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("adclr::attention_fwd", mutates_args=())
-def _attention_fwd_op(
+def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -304,6 +264,9 @@ def _attention_fwd_op(
     return o, lse
 
 
+_attention_fwd_op = torch.library.custom_op("adclr::attention_fwd", mutates_args=())(attention_fwd)
+
+
 @_attention_fwd_op.register_fake
 def _(q, k, v, shared_keys, query_key_start, query_self, scale, seq_major):
     batch, heads, seq_len, head_dim = q.shape
@@ -311,8 +274,7 @@ def _(q, k, v, shared_keys, query_key_start, query_self, scale, seq_major):
     return q.new_empty(shape), q.new_empty((batch * heads, seq_len), dtype=torch.float32)
 
 
-@torch.library.custom_op("adclr::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -330,6 +292,19 @@ def _attention_bwd_op(
     grads, (dq, dk, dv) = gradient_outputs(q, seq_major)
     _backward(do, q, k, v, o, lse, dq, dk, dv, shared_keys, query_key_start, query_self, scale)
     return grads
+
+
+_attention_bwd_op = torch.library.custom_op("adclr::attention_bwd", mutates_args=())(attention_bwd)
+
+
+def _fwd(*args):
+    """The forward custom op while ``torch.compile`` traces, its body otherwise."""
+    return _attention_fwd_op(*args) if torch.compiler.is_compiling() else attention_fwd(*args)
+
+
+def _bwd(*args):
+    """The backward custom op while ``torch.compile`` traces, its body otherwise."""
+    return _attention_bwd_op(*args) if torch.compiler.is_compiling() else attention_bwd(*args)
 
 
 @_attention_bwd_op.register_fake
@@ -351,7 +326,7 @@ class TritonADCLRAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, shared_keys: int, query_key_start: int, query_self: bool, scale: float):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         params = (shared_keys, query_key_start, query_self, scale)
-        o, lse = _attention_fwd_op(q, k, v, *params, False)
+        o, lse = _fwd(q, k, v, *params, False)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.params = params
         return o
@@ -359,7 +334,7 @@ class TritonADCLRAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        grads = _attention_bwd_op(_last_dim_contiguous(do), q, k, v, o, lse, *ctx.params, False)
+        grads = _bwd(_last_dim_contiguous(do), q, k, v, o, lse, *ctx.params, False)
         dq, dk, dv = grads.unbind(0)
         return dq, dk, dv, None, None, None, None
 
@@ -376,7 +351,7 @@ class TritonADCLRAttentionPacked(torch.autograd.Function):
         qkv = _last_dim_contiguous(qkv)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         params = (shared_keys, query_key_start, query_self, scale)
-        o, lse = _attention_fwd_op(q, k, v, *params, True)
+        o, lse = _fwd(q, k, v, *params, True)
         ctx.save_for_backward(qkv, o, lse)
         ctx.params = params
         return o
@@ -386,15 +361,26 @@ class TritonADCLRAttentionPacked(torch.autograd.Function):
         qkv, o, lse = ctx.saved_tensors
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         do = _last_dim_contiguous(do).transpose(1, 2)
-        grads = _attention_bwd_op(do, q, k, v, o.transpose(1, 2), lse, *ctx.params, True)
+        grads = _bwd(do, q, k, v, o.transpose(1, 2), lse, *ctx.params, True)
         return grads, None, None, None, None
 
 
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def triton_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
-    """Fused ADCLR attention over ``[B, H, L, D]`` (inputs already validated by the public API)."""
-    return TritonADCLRAttention.apply(q, k, v, *layout.kernel_params, scale)
+    """Fused ADCLR attention over ``[B, H, L, D]`` (inputs already validated by the public API).
+    Without a gradient to track, the forward runs without the autograd function around it."""
+    if _needs_autograd(q, k, v) or torch.compiler.is_compiling():
+        return TritonADCLRAttention.apply(q, k, v, *layout.kernel_params, scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return attention_fwd(q, k, v, *layout.kernel_params, scale, False)[0]
 
 
 def triton_attention_packed(qkv, layout: AttentionLayout, scale: float) -> torch.Tensor:
     """Fused ADCLR attention of a packed ``[B, L, 3, H, D]`` qkv; returns ``[B, L, H, D]``."""
-    return TritonADCLRAttentionPacked.apply(qkv, *layout.kernel_params, scale)
+    if _needs_autograd(qkv) or torch.compiler.is_compiling():
+        return TritonADCLRAttentionPacked.apply(qkv, *layout.kernel_params, scale)
+    q, k, v = _last_dim_contiguous(qkv).permute(2, 0, 3, 1, 4).unbind(0)
+    return attention_fwd(q, k, v, *layout.kernel_params, scale, True)[0]

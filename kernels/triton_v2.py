@@ -1,6 +1,7 @@
-"""Kernel v2: the ADCLR attention kernels shaped for ViT sequence lengths (L = 47, 207, 795).
+"""The ADCLR attention kernels, shaped for ViT sequence lengths (L = 47, 207, 795).
 
-Against v1 (``kernels/triton_v1.py``, still selectable):
+Against the first kernel generation (v1: a 2-D grid with the head fastest, 8-warp tiles, three
+backward launches; removed, never measured and predicted slower everywhere):
 
 - **Grid order.** One grid axis, the sequence block fastest: the programs of one head are adjacent,
   so a head's K/V (forward) or Q, K, V, O, dO (backward) come from DRAM once and from L2 for the
@@ -43,6 +44,31 @@ def _key_range(start_m, shared_keys, query_key_start, BLOCK_M: tl.constexpr, BLO
     return lo, full_lo, full_hi
 
 
+@triton.jit
+def _online_softmax_step(s, m_i, l_i, acc):
+    """One key block of the online softmax (base 2): the block's weights ``p`` and the running max,
+    sum and rescaled accumulator, to which the caller adds ``p @ V``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def _clear_hidden_prefix(x, keys, query_key_start, KEY_AXIS: tl.constexpr):
+    """``x`` (a K or V tile, keys along ``KEY_AXIS``) with inf and NaN zeroed in the keys below
+    ``query_key_start``, and which keys held one (int32 0/1 per key). Such a key is hidden from the
+    query rows but seen by the raw rows of the same tile, and a zero weight times inf or NaN in a
+    product over keys is NaN: the query rows need it cleared; the raw rows that see it get NaN from
+    the caller instead."""
+    if KEY_AXIS == 0:
+        hidden = (keys < query_key_start)[:, None]
+    else:
+        hidden = (keys < query_key_start)[None, :]
+    bad = ((x != x) | (tl.abs(x) == float("inf"))) & hidden
+    return tl.where(bad, 0.0, x), tl.max(bad.to(tl.int32), 1 - KEY_AXIS)
+
+
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def _fwd_kernel(
     Q,
@@ -74,8 +100,10 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HIDDEN_PREFIX: tl.constexpr,
 ):
-    """Output and base-2 log-sum-exp of one ``BLOCK_M`` row block (online softmax, exp2)."""
+    """Output and base-2 log-sum-exp of one ``BLOCK_M`` row block (online softmax, exp2).
+    ``HIDDEN_PREFIX``: the rule hides keys below ``query_key_start > 0`` from the query rows."""
     row_blocks = tl.cdiv(seq_len, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // row_blocks).to(tl.int64)
@@ -113,7 +141,29 @@ def _fwd_kernel(
         acc = tl.where(has_self[:, None], v_self.to(tl.float32), 0.0)
 
     lo, full_lo, full_hi = _key_range(start_m, shared_keys, query_key_start, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, shared_keys, BLOCK_N):
+    # Key blocks below full_lo: the prefix under rules that hide it, in a row block that holds query
+    # rows (usually one block). The raw rows see these keys, the query rows must not, even when a V
+    # holds inf or NaN, and a zero weight times NaN is NaN: each such block runs the P V product twice,
+    # on V as it is (raw rows) and on V loaded without the hidden keys (query rows). Kept out of the
+    # main loop, whose pipelining and registers stay those of a plain flash loop.
+    if HIDDEN_PREFIX:  # rules that hide the prefix from query rows (compiled only for them)
+        for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=1):
+            keys = start_n + offs_n
+            key_ok = keys < shared_keys
+            kT = tl.load(
+                k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0
+            )
+            v_ptrs = v_base + keys[:, None] * stride_vl + offs_d[None, :]
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            v_query = tl.load(v_ptrs, mask=(key_ok & (keys >= query_key_start))[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+            s = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], s, float("-inf"))
+            p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
+            acc_raw = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            acc = tl.dot(p.to(v.dtype), v_query, acc, input_precision=PRECISION)
+            acc = tl.where(is_query[:, None], acc, acc_raw)
+
+    for start_n in range(full_lo, shared_keys, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < shared_keys
         kT = tl.load(
@@ -123,15 +173,10 @@ def _fwd_kernel(
             v_base + keys[:, None] * stride_vl + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0
         )
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        if (start_n < full_lo) | (start_n >= full_hi):
+        if start_n >= full_hi:
             s = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
@@ -182,11 +227,13 @@ def _bwd_short_kernel(
     QUERY_SELF: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    HIDDEN_KEYS: tl.constexpr,
 ):
     """The whole backward of one head whose L fits one ``BLOCK_L`` tile: q, k, v, dO read once, one
     score tile, five products (S = Q K^T, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q). With
     every key of a row in the tile, Delta = rowsum(P * dP), as PyTorch's softmax backward computes
-    it: O is not read (7 tensors moved, not 8)."""
+    it: O is not read (7 tensors moved, not 8). ``HIDDEN_KEYS``: the rule hides a loaded key from some
+    row (``query_key_start > 0`` or ``QUERY_SELF``); the default rule compiles without those masks."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
@@ -216,7 +263,17 @@ def _bwd_short_kernel(
     p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+    if HIDDEN_KEYS:
+        # Some key of the tile is loaded but hidden from some row (the prefix under ``raw`` rules, the
+        # query tokens' keys under ``+self``): dP and dS are masked too, so that inf/NaN in its V (dP)
+        # or in the Delta of a row that sees one (dS) reaches no other row or key, and inf/NaN in
+        # such a key's K is cleared before the dQ product (a zero weight times NaN is NaN).
+        dp = tl.where(allowed, dp, 0.0)
+        ds = tl.where(allowed, p * (dp - tl.sum(p * dp, 1)[:, None]), 0.0)
+        hidden = (idx < query_key_start) | (idx >= shared_keys)
+        k = tl.where(((k * 0.0) != 0.0) & hidden[:, None], 0.0, k)
+    else:
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
     dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
     dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * sm_scale
     tl.store(
@@ -298,13 +355,17 @@ def _dkdv_program(
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
-        # Unmasked unless the key block reaches past S or the row block reaches the query rows.
-        if keys_past_s | (start_m + BLOCK_STEP > shared_keys):
-            row_start = tl.where(rows >= shared_keys, query_key_start, 0)
-            pT = tl.where(key_ok[:, None] & row_ok[None, :] & (keys[:, None] >= row_start[None, :]), pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        # Unmasked unless the key block reaches past S or the row block reaches the query rows. dS is
+        # masked too: a row that sees an inf/NaN key has a non-finite Delta, which must not reach the
+        # keys hidden from it (nor may this block's own inf/NaN V reach rows it is hidden from).
+        if keys_past_s | (start_m + BLOCK_STEP > shared_keys):
+            row_start = tl.where(rows >= shared_keys, query_key_start, 0)
+            seen = key_ok[:, None] & row_ok[None, :] & (keys[:, None] >= row_start[None, :])
+            pT = tl.where(seen, pT, 0.0)
+            dsT = tl.where(seen, dsT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
 
     if QUERY_SELF:
@@ -383,10 +444,15 @@ def _dq_program(
         kT = tl.load(k_base + keys[None, :] * stride_kl + offs_d[:, None], mask=kv_mask, other=0.0)
         vT = tl.load(v_base + keys[None, :] * stride_vl + offs_d[:, None], mask=kv_mask, other=0.0)
         p = tl.math.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
-        if (start_n < full_lo) | (start_n >= full_hi):
-            p = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if (start_n < full_lo) | (start_n >= full_hi):
+            # dS, not only P: a hidden key's inf/NaN V makes dP non-finite there. Its K enters the dQ
+            # product below, so a prefix key hidden from the query rows is cleared there (raw rows
+            # that see it get NaN through their own dS).
+            ds = tl.where((keys[None, :] >= row_start[:, None]) & key_ok[None, :], ds, 0.0)
+            if start_n < query_key_start:
+                kT, _ = _clear_hidden_prefix(kT, keys, query_key_start, 1)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
 
     if QUERY_SELF:

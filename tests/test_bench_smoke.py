@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from bench import attention, train_step
+from adclr.kernels import triton_attention
+from bench import attention, overhead, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +87,14 @@ def test_learning_benchmark_writes_its_table_and_picture(tmp_path):
     knn = report["final"]["knn_top1"]
     difference = knn["adclr"]["0"] - knn["dino"]["0"] + knn["adclr"]["1"] - knn["dino"]["1"]
     assert math.isclose(report["final"]["knn_top1"]["difference"]["mean"], difference / 2)
+
+
+def test_overhead_benchmark_stubs_the_launches_and_puts_them_back(capsys):
+    """Both modes are timed with ``Launch.__call__`` a no-op (no kernel runs: a call costs
+    microseconds, where the interpreter would take seconds), and the real launch is restored."""
+    real = triton_attention.Launch.__call__
+    overhead.main(["--repeats", "3", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    times = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert set(times) == {"fwd", "fwd+bwd"} and all(0 < us < 1e4 for us in times.values())
+    assert triton_attention.Launch.__call__ is real

@@ -44,7 +44,6 @@ def test_vit_build_on_sm90_is_pipelined_on_wgmma_without_spills():
         (90, "fp32", 64, ["v2_fwd", "fused"]),
         (80, "fp16", 80, V2),
         (70, "fp16", 64, V2),
-        (90, "bf16", 64, ["v1_fwd", "v1_dkdv", "v1_dq"]),
     ],
 )
 def test_kernels_compile_for_gpu_targets(arch, dtype, head_dim, kernels):

@@ -3,43 +3,76 @@ prints last, run on fake result files."""
 
 import csv
 import os
+import signal
 import subprocess
+import sys
+import tarfile
+import time
 
-from bench import report
+import pytest
+
+from bench import report, versions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["install", "versions", "precompile", "benchmark", "tune", "gpu_tests", "train_step", "summary"]
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
+STAGES = ["versions", "install", "precompile", "benchmark", "tune", "gpu_tests", "train_step", "summary"]
 
 
-def test_dry_run_lists_every_stage_within_seven_minutes(tmp_path):
+def run_script(out, *args, **kwargs):
+    """The script with this interpreter (``PYTHON``), its results to ``out`` (``OUT``)."""
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, **kwargs)
+
+
+def unpacked(out, tmp_path):
+    """The archive's ``gpu_check/`` folder, unpacked; ``out`` must hold exactly the archive and the summary."""
+    assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "summary.txt"]
+    with tarfile.open(out / "gpu_check.tar.gz") as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    return tmp_path / "unpacked" / "gpu_check"
+
+
+def test_dry_run_prints_a_budget_within_400_s_and_returns_an_archive_and_a_summary(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OUT": str(out)},
-    )
+    result = run_script(out, "--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    stages = [line.split()[0] for line in lines[1:-1]]
-    assert stages == STAGES
-    budgets = [int(line.split()[1]) for line in lines[1:-1]]
-    assert sum(budgets) + 2 * len(budgets) <= 420 and lines[-1] == f"total: {sum(budgets)} s of 420 s"
-    commands = dict(zip(stages, (line.split(" s  ", 1)[1] for line in lines[1:-1])))
-    budget = dict(zip(stages, budgets))
-    assert "--modes fwd fwd+bwd" in commands["benchmark"] and f"--output_dir '{out}'" in commands["benchmark"]
+    assert lines[0].endswith(f"interpreter: {sys.executable}")
+    table = [line for line in lines[2:-1]]
+    names = [line[:11].strip() for line in table]
+    assert names == ["preamble", *STAGES, "kill grace", "archive"]
+    budgets = [int(line[11:].split()[0]) for line in table]
+    assert sum(budgets) <= 400 and lines[-1] == f"total: {sum(budgets)} s of 400 s"
+    assert budgets[names.index("kill grace")] == 2 * len(STAGES)  # timeout -k 2 on every stage
+    commands = {n: line.split(" s  ", 1)[1] for n, line in zip(names, table) if n in STAGES}
+    budget = dict(zip(names, budgets))
+    assert "--modes fwd fwd+bwd" in commands["benchmark"] and "--output_dir" in commands["benchmark"]
     # A flex case (a compile) started just before --budget_s must still end inside the stage.
     assert budget["benchmark"] - float(commands["benchmark"].split("--budget_s ")[1].split()[0]) >= 30
     assert "--precompile_only" in commands["precompile"] and "--budget_s" in commands["tune"]
-    assert "-k 'gpu or fp32_attention or head_dims'" in commands["gpu_tests"]
+    assert "hidden_keys" in commands["gpu_tests"] and "-m bench.versions" in commands["versions"]
     # Offline: no index, no pip self-version check; the package's build backend is the installed one.
     assert all(
         flag in commands["install"] for flag in ("--no-index", "--disable-pip-version-check", "--no-build-isolation")
     )
+    assert all(command.startswith(sys.executable) for command in commands.values())  # PYTHON, not PATH's python3
     # Every variant but the slow reference one, dino first (the ratios are to it).
-    variants = "--variants dino triton_fused triton dino_fused sdpa"
-    assert commands["train_step"].endswith(f"-m bench.train_step --steps 10 {variants} --output_dir '{out}'")
-    assert not out.exists()  # a dry run writes nothing
+    assert (
+        "-m bench.train_step --steps 10 --variants dino triton_fused triton dino_fused sdpa" in commands["train_step"]
+    )
+    work = unpacked(out, tmp_path)
+    assert [line.split()[:2] for line in (work / "stages.txt").read_text().splitlines()] == [
+        [name, "dry-run"] for name in STAGES
+    ]
+    assert (work / "budget.txt").read_text().splitlines()[-1] == lines[-1]
+    assert (out / "summary.txt").read_text().startswith("gpu_check dry run")
+
+
+def test_bad_arguments_are_refused_in_one_line(tmp_path):
+    for args in (["--wheels", str(tmp_path / "missing")], ["--bogus"]):
+        result = run_script(tmp_path / "out", *args)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def _write_csv(path, rows):
@@ -102,17 +135,63 @@ def test_summary_of_an_empty_run(tmp_path):
 
 
 def test_stages_run_under_the_runner_and_a_failure_does_not_stop_the_rest(tmp_path):
-    """Two real stages on CPU: ``versions`` fails (no CUDA), ``summary`` still runs and prints last."""
+    """Two real stages on CPU: ``versions`` fails (no CUDA), ``summary`` still runs and prints last;
+    the stage logs come back inside the archive."""
     out = tmp_path / "out"
-    result = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--only", "versions", "summary"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OUT": str(out)},
-    )
+    result = run_script(out, "--only", "versions", "summary")
     assert result.returncode == 1  # a stage failed
-    stages = (out / "stages.txt").read_text().splitlines()
+    assert "versions: start (budget 15 s)" in result.stdout  # each stage's start and elapsed time
+    work = unpacked(out, tmp_path)
+    stages = (work / "stages.txt").read_text().splitlines()
     assert [line.split()[:2] for line in stages] == [["versions", "FAILED"], ["summary", "ok"]]
-    assert (out / "versions.log").stat().st_size > 0  # the full log of the failed stage
-    assert result.stdout.strip().splitlines()[-1] == f"full logs and tables: {out}"  # the summary is last
-    assert (out / "summary.txt").read_text() in result.stdout
+    assert "no CUDA device visible" in (work / "versions.log").read_text()  # the full log of the failed stage
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[-1] == f"archive: {out}/gpu_check.tar.gz (unpacks to gpu_check/)"
+    assert summary[-2].startswith("full logs and tables: ")  # the report's own last line
+    assert result.stdout.strip().endswith("\n".join(summary[:-1]))  # the summary is printed last
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_stage_still_returns_its_archive_and_summary(tmp_path):
+    """SIGTERM to the script while a stage runs (as a time limit would): the trap stops the stage,
+    records it as cut short, and leaves the archive and a summary that says so."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    process = subprocess.Popen(
+        ["bash", SCRIPT, "--only", "gpu_tests", "summary"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    time.sleep(5)  # pytest is collecting or running the interpreter's hidden-key cases by now
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=30)
+    assert process.returncode == 143
+    work = unpacked(out, tmp_path)
+    assert (work / "stages.txt").read_text().split()[:2] == ["gpu_tests", "CUT_SHORT"]
+    assert (work / "gpu_tests.log").exists()
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu_check cut short at +") and "during stage gpu_tests" in summary
+    assert summary in stdout
+
+
+def test_versions_installs_only_what_is_missing_or_too_old_from_the_wheels(tmp_path, monkeypatch, capsys):
+    """``bench.versions``: timm below 1.0.23 and triton missing are installed from the folder (and only
+    they); the line says where each package came from; without a folder it fails naming them."""
+    present = {"torch": "2.9.0", "timm": "1.0.20", "pytest": "8.0"}
+    monkeypatch.setattr(versions, "installed", lambda name: present.get(name))
+    asked = []
+
+    def fake_install(specs, wheels):
+        asked.append((specs, wheels))
+        present.update(triton="3.6.0", timm="1.0.23")
+        return 0
+
+    monkeypatch.setattr(versions, "install_from_wheels", fake_install)
+    assert versions.main(["--no_device"]) == 1
+    assert "UNMET: triton, timm; pass --wheels DIR" in capsys.readouterr().out and not asked
+    assert versions.main(["--wheels", str(tmp_path), "--no_device"]) == 0
+    assert asked == [(["triton>=3.6", "timm>=1.0.23"], str(tmp_path))]
+    line = capsys.readouterr().out.strip()
+    assert line == (
+        f"versions: torch 2.9.0 (image), triton 3.6.0 (wheels {tmp_path}), timm 1.0.23 (wheels {tmp_path}), "
+        "pytest 8.0 (image)"
+    )
+    assert versions.parse_version("3.6.0+git1a2b") == (3, 6, 0) and versions.parse_version("1.0.3rc1") == (1, 0, 3)

@@ -15,6 +15,7 @@ from adclr.kernels import triton_attention as ops
 
 FAKE_GPU = "Fake GPU 9000 80GB"
 PARAMS_207 = AttentionLayout(197, 10).kernel_params
+T = plans.Tiles
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def entry(seq_bucket="256", mask="prefix+raw", dtype="bf16", fwd=None, bwd=None,
         "dtype": dtype,
         "mask": mask,
         "fwd": fwd or {"variant": "v2", "tiles": {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}},
-        "bwd": bwd or {"variant": "v1", "tiles": None},
+        "bwd": bwd or {"variant": "fused", "tiles": {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 3}},
         "auto": auto or {"fwd": "sdpa", "fwd+bwd": "triton"},
     }
 
@@ -70,9 +71,9 @@ def test_mask_kind_follows_the_kernel_params(layout, kind):
 @pytest.mark.parametrize(
     "length, backward, fwd_tiles, bwd_tiles",
     [
-        (47, "short", plans.Tiles(64, 64, 4, 2), plans.Tiles(0, 0, 4, 1)),
-        (207, "fused", plans.Tiles(64, 64, 4, 2), plans.Tiles(64, 32, 4, 2)),
-        (795, "fused", plans.Tiles(128, 64, 8, 3), plans.Tiles(64, 32, 4, 2)),
+        (47, "short", plans.Tiles(64, 64, 4, 3), plans.Tiles(0, 0, 4, 1)),
+        (207, "fused", plans.Tiles(64, 64, 4, 3), plans.Tiles(64, 32, 4, 3)),
+        (795, "fused", plans.Tiles(128, 64, 8, 3), plans.Tiles(64, 32, 4, 3)),
     ],
 )
 def test_default_plan_at_vit_lengths(length, backward, fwd_tiles, bwd_tiles, tiles_dir):
@@ -86,13 +87,14 @@ def test_default_plan_details():
     assert plans.default_plan(100, 64, torch.float16).bwd == "fused"  # short only up to 64 rows by default
     assert plans.default_plan(47, 128, torch.float16).bwd_tiles.num_warps == 8  # a 64 x 128 tile
     assert plans.default_plan(47, 64, torch.float16, interpreting=True).fwd_tiles == plans.INTERPRETER_TILES
-    assert plans.short_eligible(128, 64) and not plans.short_eligible(128, 128) and not plans.short_eligible(129, 16)
+    # One tile of at most 64 rows (128-row tiles spill on sm90) and 64 x 128 elements.
+    assert plans.short_eligible(64, 128) and not plans.short_eligible(65, 16) and not plans.short_eligible(64, 256)
 
 
 def test_tuned_table_decides_variant_tiles_and_backend(tiles_dir):
     write_table(tiles_dir, [entry()])
     plan = plans.resolve_plan(207, 64, torch.bfloat16, PARAMS_207, FAKE_GPU)
-    assert plan == plans.Plan("v2", plans.Tiles(128, 32, 4, 3), "v1", None)
+    assert plan == plans.Plan("v2", plans.Tiles(128, 32, 4, 3), "fused", plans.Tiles(32, 32, 4, 3))
     assert plans.tuned_backend(FAKE_GPU, 207, 64, torch.bfloat16, PARAMS_207, "fwd") == "sdpa"
     assert plans.tuned_backend(FAKE_GPU, 207, 64, torch.bfloat16, PARAMS_207, "fwd+bwd") == "triton"
     # Keys the table did not measure keep the defaults: another dtype, bucket, rule or head dim.
@@ -120,20 +122,20 @@ def test_autotune_keeps_the_table_tiles_where_its_candidates_spill(head_dim, dty
     monkeypatch.setenv("ADCLR_AUTOTUNE", "1")
     plan = plans.resolve_plan(207, head_dim, dtype, PARAMS_207, FAKE_GPU)
     assert plan == plans.default_plan(207, head_dim, dtype) and plan.fwd_tiles is not None
-    # v1 too: its launches take the table's tiles, not the autotuner.
+    # The launches take the table's tiles, not the autotuner.
     q = torch.zeros(1, 2, 207, head_dim, dtype=dtype)
     o, o_view, lse = ops.forward_outputs(q, seq_major=False)
-    v1 = plans.Plan("v1", None, "v1", None)
-    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, v1, (9, 0))
-    assert launch.tiles == plans.v1_tiles("fwd", head_dim, dtype)
+    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, plan, (9, 0))
+    assert launch.tiles == plan.fwd_tiles and launch.kernel is not ops._AUTOTUNED["v2_fwd"]
     _, (dq, dk, dv) = ops.gradient_outputs(q, seq_major=False)
-    backward = ops.backward_launches(q, q, q, q, o_view, lse, dq, dk, dv, PARAMS_207, 0.125, v1, (9, 0))
-    assert all(launch.tiles is not None for launch in backward)
-    # At D = 64 in bf16 the same v1 launches do autotune.
+    (launch,) = ops.backward_launches(q, q, q, q, o_view, lse, dq, dk, dv, PARAMS_207, 0.125, plan, (9, 0))
+    assert launch.tiles == plan.bwd_tiles and launch.kernel is not ops._AUTOTUNED["fused"]
+    # At D = 64 in bf16 the same launches do autotune.
     q = torch.zeros(1, 2, 207, 64, dtype=torch.bfloat16)
     o, o_view, lse = ops.forward_outputs(q, seq_major=False)
-    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, v1, (9, 0))
-    assert launch.tiles is None
+    autotuned = plans.resolve_plan(207, 64, torch.bfloat16, PARAMS_207, FAKE_GPU)
+    (launch,) = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, autotuned, (9, 0))
+    assert launch.tiles is None and launch.kernel is ops._AUTOTUNED["v2_fwd"]
 
 
 def test_a_valid_short_entry_fits_every_call_of_its_key():
@@ -151,9 +153,9 @@ def test_a_valid_short_entry_fits_every_call_of_its_key():
             for seq_len in range(1, int(bucket) + 1):
                 for head_dim in range(block_d // 2 + 1 if block_d > 16 else 1, block_d + 1):
                     assert plans.short_eligible(seq_len, head_dim), (block_d, bucket, seq_len, head_dim)
-    assert accepted >= 4  # 64 and 128 at D <= 64, and more: the check is not vacuous
-    with pytest.raises(ValueError, match="short"):  # the example that cannot fit: bucket 128, D = 128
-        plans.parse_entry(entry(seq_bucket="128", block_d=128, bwd=short))
+    assert accepted >= 4  # bucket 64 at D <= 128: the check is not vacuous
+    with pytest.raises(ValueError, match="short"):  # 128-row tiles spill on sm90: bucket 128 never fits
+        plans.parse_entry(entry(seq_bucket="128", block_d=16, bwd=short))
 
 
 def test_the_table_lookup_is_cached_per_device_and_directory(tmp_path, monkeypatch):
@@ -199,7 +201,10 @@ def test_the_table_lookup_is_cached_per_device_and_directory(tmp_path, monkeypat
             entry(bwd={"variant": "short", "tiles": {"block_m": 0, "block_n": 0, "num_warps": 4, "num_stages": 1}}),
             "short",
         ),
-        (entry(bwd={"variant": "v1", "tiles": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}}), "v1"),
+        (
+            entry(bwd={"variant": "v1", "tiles": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}}),
+            "variant",
+        ),
         (entry(auto={"fwd": "flex", "fwd+bwd": "sdpa"}), "auto"),
         ("not an object", "object"),
     ],
@@ -292,7 +297,8 @@ def test_auto_picks_the_tuned_backend_per_mode(fake_gpu):
     [
         (AttentionLayout(197, 10), 64, torch.float16, "triton"),  # the ADCLR masks the tiles were sized for
         (AttentionLayout(37, 10, 1, "raw+self"), 32, torch.bfloat16, "triton"),
-        (AttentionLayout(785, 10, 1, "raw"), 64, torch.bfloat16, "triton"),
+        (AttentionLayout(502, 10, 1, "raw"), 64, torch.bfloat16, "triton"),  # L = 512
+        (AttentionLayout(785, 10, 1, "raw"), 64, torch.bfloat16, ("triton", "sdpa")),  # ViT-S/8: bwd not measured
         (AttentionLayout(197, 0), 64, torch.bfloat16, "sdpa"),  # no query tokens: the full mask
         (AttentionLayout(37, 0), 64, torch.float16, "sdpa"),  # a local crop without query tokens
         (AttentionLayout(197, 10, bidirectional=True), 64, torch.bfloat16, "sdpa"),
@@ -302,10 +308,13 @@ def test_auto_picks_the_tuned_backend_per_mode(fake_gpu):
     ],
 )
 def test_auto_without_a_table_entry(layout, head_dim, dtype, backend, fake_gpu):
-    """Untuned: ours only where the built-in tiles were sized; SDPA elsewhere. ``triton`` still forces ours."""
+    """Untuned: ours only where the built-in tiles were sized, and for forward + backward only up to
+    L = 512; SDPA elsewhere. ``backend`` is one name for both modes or (forward, forward + backward).
+    ``triton`` still forces ours."""
     t = torch.zeros(1, 1, layout.length, head_dim, dtype=dtype)
+    expected = backend if isinstance(backend, tuple) else (backend, backend)
     for needs_grad in (False, True):
-        assert attention._resolve_backend("auto", t, head_dim, 0.0, layout, needs_grad) == backend
+        assert attention._resolve_backend("auto", t, head_dim, 0.0, layout, needs_grad) == expected[needs_grad]
         assert attention._resolve_backend("triton", t, head_dim, 0.0, layout, needs_grad) == "triton"
 
 
@@ -354,7 +363,7 @@ def test_auto_end_to_end_follows_the_table(layout, table, runs_sdpa, fake_gpu):
 
 
 def test_v2_grid_size():
-    """One axis of blocks x B*H programs (v2 forward, twice that for the fused backward); v1's is (B*H, blocks)."""
+    """One axis of blocks x B*H programs (the forward; twice that for the fused backward)."""
     q = torch.zeros(3, 5, 207, 64, dtype=torch.float16)
     o, o_view, lse = ops.forward_outputs(q, seq_major=False)
     plan = plans.default_plan(207, 64, torch.float16)
@@ -363,8 +372,6 @@ def test_v2_grid_size():
     grads, (dq, dk, dv) = ops.gradient_outputs(q, seq_major=False)
     (fused,) = ops.backward_launches(q, q, q, q, o_view, lse, dq, dk, dv, PARAMS_207, 0.125, plan, (9, 0))
     assert fused.grid({"BLOCK_OWN": 64}) == (2 * 4 * 15,)
-    v1 = ops.forward_launches(q, q, q, o_view, lse, PARAMS_207, 0.125, plans.Plan("v1", None, "v1", None), (9, 0))
-    assert v1[0].grid({"BLOCK_M": 64}) == (15, 4)
 
 
 def _rows_written(t: torch.Tensor) -> torch.Tensor:
@@ -410,3 +417,52 @@ def test_v2_programs_take_the_sequence_block_fastest():
         row_blocks = expected(programs, lambda p: (p // (2 * n), p % (2 * n) - n) if p % (2 * n) >= n else None)
         assert torch.equal(_rows_written(dk), key_blocks) and torch.equal(_rows_written(dv), key_blocks)
         assert torch.equal(_rows_written(dq), row_blocks)
+
+
+def test_launches_run_with_the_inputs_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, not on the tensors': each launch of a call on a
+    fake second GPU (cuda:1 while cuda:0 is current) must run with cuda:1 current, and cuda:0 must be
+    current again afterwards. ``_forward`` and ``_backward`` must hand their inputs' device over."""
+    current = [torch.device("cuda", 0)]
+
+    class FakeDeviceGuard:  # stands in for torch.cuda.device: no CUDA needed
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
+    seen = []
+    ops.run_launches([lambda: seen.append(current[0])] * 2, torch.device("cuda", 1))
+    assert seen == [torch.device("cuda", 1)] * 2 and current[0] == torch.device("cuda", 0)
+
+    handed = []
+    monkeypatch.setattr(ops, "run_launches", lambda launches, device: handed.append((launches[0].name, device)))
+    q = torch.zeros(1, 2, 47, 16)
+    params = AttentionLayout(37, 10).kernel_params
+    o, o_view, lse = ops.forward_outputs(q, seq_major=False)
+    ops._forward(q, q, q, o_view, lse, *params, 0.25)
+    _, (dq, dk, dv) = ops.gradient_outputs(q, seq_major=False)
+    ops._backward(q, q, q, q, o_view, lse, dq, dk, dv, *params, 0.25)
+    assert [device for _, device in handed] == [q.device, q.device]
+
+
+def test_the_per_call_plan_cache_sees_tables_forced_plans_and_autotune(tiles_dir, monkeypatch):
+    """Each call's plan is decided once per shape key and cached; the cache must still follow a table
+    read afresh, a forced plan entered and ADCLR_AUTOTUNE set between two identical calls."""
+    monkeypatch.setattr(ops, "_interpreting", lambda t: False)  # as on a GPU named FAKE_GPU
+    monkeypatch.setattr(ops, "_device_info", lambda index: (FAKE_GPU, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q = torch.zeros(1, 2, 207, 64, dtype=torch.bfloat16)
+    assert ops._call_context(q, PARAMS_207) == (plans.default_plan(207, 64, torch.bfloat16), (9, 0))
+    write_table(tiles_dir, [entry()])
+    assert ops._call_context(q, PARAMS_207)[0] == plans.Plan("v2", T(128, 32, 4, 3), "fused", T(32, 32, 4, 3))
+    forced = plans.Plan("v2", T(32, 64, 4, 2), "fused", T(64, 64, 4, 2))
+    with plans.forced_plan(forced):
+        assert ops._call_context(q, PARAMS_207)[0] == forced
+    monkeypatch.setenv("ADCLR_AUTOTUNE", "1")
+    assert ops._call_context(q, PARAMS_207)[0].fwd_tiles is None

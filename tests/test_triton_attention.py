@@ -23,7 +23,7 @@ from attention_utils import (
     reference_with_grads,
 )
 
-from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans
+from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans, triton_attention
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
 from bench.common import VIT_SHAPES
 
@@ -31,12 +31,11 @@ STORAGES = ("contiguous", "strided", "packed")
 T = plans.Tiles
 INTERPRETER = plans.INTERPRETER_TILES
 # Variants the interpreter runs: v2 forward with each backward (and tiles whose row and key blocks
-# differ, which catches a kernel that confuses them), and v1 end to end.
+# differ, which catches a kernel that confuses them).
 PLANS = {
     "fused": plans.Plan("v2", INTERPRETER, "fused", INTERPRETER),
     "fused-64x16": plans.Plan("v2", T(64, 16, 1, 1), "fused", T(64, 16, 1, 1)),
     "short": plans.Plan("v2", T(16, 32, 1, 1), "short", T(0, 0, 1, 1)),
-    "v1": plans.Plan("v1", None, "v1", None),
 }
 
 
@@ -45,8 +44,6 @@ def plan(variant: str, seq_len: int, head_dim: int, dtype, device=KERNEL_DEVICE)
     if device != "cuda":
         return PLANS[variant]
     backward = PLANS[variant].bwd
-    if backward == "v1":
-        return plans.Plan("v1", None, "v1", None)
     fwd = plans.fwd_tiles(seq_len, head_dim, dtype)
     if backward == "short":
         return plans.Plan("v2", fwd, "short", plans.short_tiles(seq_len, head_dim))
@@ -166,7 +163,7 @@ def test_kernel_matches_float64_reference(variant, rule, R, Q, P, head_dim, stor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("variant", list(PLANS))
+@pytest.mark.parametrize("variant", [v for v in PLANS if PLANS[v].bwd != "short"])  # one tile: no blocks; L > 64
 @pytest.mark.parametrize("rule", ["raw", "raw+self", "prefix+raw"])
 def test_hidden_prefix_spanning_whole_blocks(variant, rule, dtype):
     """P = 40 is longer than the 16- and 32-key blocks: for ``raw`` and ``raw+self`` query rows start
@@ -195,23 +192,104 @@ def test_head_dims(head_dim, rule, variant):
         check_against_reference(q, k, v, layout, 0.7 / math.sqrt(head_dim), "strided", torch.float16)
 
 
+def visible_keys(rule: str, R: int, Q: int, P: int) -> torch.Tensor:
+    """``[L, L]``, True where row i sees key j: the table of ``docs/layout.md`` written out row by row
+    (independent of ``AttentionLayout.dense_mask``)."""
+    L = R + Q
+    seen = torch.zeros(L, L, dtype=torch.bool)
+    for i in range(L):
+        if rule == "bidirectional":
+            seen[i, :] = True
+        elif i < R:
+            seen[i, :R] = True
+        else:
+            seen[i, (0 if rule.startswith("prefix") else P) : R] = True
+            seen[i, i] = rule.endswith("+self")
+    return seen
+
+
+def padded(t: torch.Tensor, extra_rows: int, head_dim_padded: int, poison: float) -> torch.Tensor:
+    """``t`` ``[B, H, L, D]`` copied into a poison-filled ``[B, H, L + extra_rows, D_padded]`` buffer and
+    returned as the ``[B, H, L, D]`` view: every element past L or past D holds ``poison``."""
+    B, H, L, D = t.shape
+    buffer = torch.full((B, H, L + extra_rows, head_dim_padded), poison, dtype=t.dtype, device=t.device)
+    buffer[:, :, :L, :D] = t
+    return buffer[:, :, :L, :D]
+
+
+# Poison pairs (K, V) for the hidden key positions; None leaves K as it is (V alone non-finite).
+POISONS = {"kinf-vnan": (math.inf, math.nan), "knan-vinf": (math.nan, -math.inf), "vnan": (None, math.nan)}
+POISON_RULES = ["prefix+raw", "raw", "prefix+raw+self", "raw+self", "bidirectional"]
+
+
+def poisoned_case(rule: str, poison: str):
+    """Inputs with every hidden key position poisoned: the prefix keys under the ``raw`` rules (hidden
+    from query rows), query tokens' keys (under ``+self`` every other one, each seen by its own row
+    only), and the memory past L and past D of q, k, v and dO. R = 20, Q = 20, P = 3, D = 24 (padded
+    to 32): row blocks that mix raw and query rows (20 | 12 in the 32-row tiles), query-only row
+    blocks, a prefix inside one key block, and the short backward's single tile holding all three.
+    Returns the layout, the clean (q, k, v, dO), the poisoned views and the visibility table."""
+    R, Q, P, D = 20, 20, 3, 24
+    layout = layout_for(rule, R, Q, P)
+    L = layout.length
+    seen = visible_keys(rule, R, Q, P)
+    poisoned = torch.zeros(L, dtype=torch.bool)
+    if rule in ("raw", "raw+self"):
+        poisoned[:P] = True
+    if rule in ("prefix+raw", "raw"):
+        poisoned[R:] = True
+    elif rule.endswith("+self"):
+        poisoned[R + 1 :: 2] = True
+    poison_k, poison_v = POISONS[poison]
+    clean = [torch.randn(2, 2, L, D, device=KERNEL_DEVICE) for _ in range(4)]
+    q, k, v, do = (padded(t, 3, 32, math.nan) for t in clean)
+    if poison_k is not None:
+        k[:, :, poisoned] = poison_k
+    v[:, :, poisoned] = poison_v
+    return layout, clean, (q, k, v, do), seen, seen[:, poisoned].any(1)
+
+
+def check_hidden_keys(layout, clean, seen, rows_hit, out, grads):
+    """Rows that see no poisoned key get the float64 reference's output and dQ of the clean inputs;
+    keys seen by none of the rows that do get its dK and dV; keys no row sees get exactly zero; and
+    every row that sees a poisoned V is non-finite (the kernel may not hide it)."""
+    q, k, v, do = clean
+    truth, truth_grads = reference_with_grads(q, k, v, do, layout, q.shape[-1] ** -0.5)
+    clean_rows = ~rows_hit
+    clean_keys = ~seen[rows_hit].any(0)
+    unseen = ~seen.any(0)
+    for name, got, want, where in zip(
+        ("out", "dq", "dk", "dv"),
+        (out, *grads),
+        (truth, *truth_grads),
+        (clean_rows, clean_rows, clean_keys, clean_keys),
+    ):
+        assert max_error(got[:, :, where], want[:, :, where]) < 1e-5, f"{name}: a hidden key leaked"
+    assert torch.count_nonzero(grads[1][:, :, unseen]) == 0 and torch.count_nonzero(grads[2][:, :, unseen]) == 0
+    assert not torch.isfinite(out[:, :, rows_hit]).all(-1).any(), "a row that sees inf/NaN came out finite"
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
 @pytest.mark.parametrize("variant", list(PLANS))
-@pytest.mark.parametrize("rule", ["prefix+raw", "raw"])
-def test_invisible_keys_never_contribute(variant, rule):
-    """Query tokens' keys are seen by no row (rules without +self): NaN and inf there change nothing."""
-    layout = AttentionLayout(29, 7, 1, rule)
-    q, k, v = inputs(2, 2, layout, 32, torch.float32, "contiguous")
-    k_bad, v_bad = k.clone(), v.clone()
-    k_bad[:, :, 29:] = float("nan")
-    v_bad[:, :, 29:] = float("inf")
-    do = torch.randn_like(q)
-    with plans.forced_plan(plan(variant, layout.length, 32, torch.float32)):
-        out, _, grads = run_poisoned(q, k_bad, v_bad, do, layout, 32**-0.5, "contiguous")
-    truth, truth_grads = reference_with_grads(q, k, v, do, layout, 32**-0.5)
-    assert max_error(out, truth) < 1e-5
-    for g, t in zip(grads, truth_grads):
-        assert max_error(g, t) < 1e-5
-    assert torch.count_nonzero(grads[1][:, :, 29:]) == 0 and torch.count_nonzero(grads[2][:, :, 29:]) == 0
+@pytest.mark.parametrize("rule", POISON_RULES)
+def test_hidden_keys_never_contribute(rule, variant, poison):
+    """docs/layout.md: a key a row may not see has no effect on it, "even inf or NaN", forward and
+    backward, in every kernel variant (``poisoned_case``, ``check_hidden_keys``)."""
+    layout, clean, (q, k, v, do), seen, rows_hit = poisoned_case(rule, poison)
+    with plans.forced_plan(plan(variant, layout.length, q.shape[-1], torch.float32)):
+        out, _, grads = run_poisoned(q, k, v, do, layout, q.shape[-1] ** -0.5, "contiguous")
+    check_hidden_keys(layout, clean, seen, rows_hit, out, grads)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("rule", POISON_RULES)
+def test_hidden_keys_never_contribute_in_any_backend(rule, backend):
+    """The same promise through the public API and autograd, for every backend."""
+    layout, clean, (q, k, v, do), seen, rows_hit = poisoned_case(rule, "kinf-vnan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = adclr_attention(q, k, v, layout, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    check_hidden_keys(layout, clean, seen, rows_hit, out.detach(), grads)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -232,6 +310,30 @@ def test_public_api_autograd_both_forms(rule):
     assert max_error(out4, expected.transpose(1, 2)) < 1e-5
     grads = torch.autograd.grad(out4, (q, k, v), do.transpose(1, 2))
     assert max_error(torch.stack(grads, 2).permute(0, 3, 2, 1, 4), grad_ref) < 1e-5
+
+
+def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
+    """Eager calls run the custom ops' bodies directly (their dispatch was about half of a call's
+    Python cost), and a call without a gradient to track skips the autograd function too; results
+    as the float64 reference. Compiled calls keep the ops (``test_compiles_without_graph_break``)."""
+
+    def refuse(*args):
+        raise AssertionError("dispatched in eager mode")
+
+    monkeypatch.setattr(triton_attention, "_attention_fwd_op", refuse)
+    monkeypatch.setattr(triton_attention, "_attention_bwd_op", refuse)
+    layout = AttentionLayout(13, 3, 1, "raw+self")
+    qkv = torch.randn(1, layout.length, 3, 2, 16, device=KERNEL_DEVICE)
+    qkv64 = qkv.double().requires_grad_()
+    expected = adclr_attention_packed(qkv64, layout, backend="reference")
+    with torch.no_grad(), monkeypatch.context() as no_autograd:
+        no_autograd.setattr(triton_attention.TritonADCLRAttentionPacked, "apply", refuse)
+        assert max_error(adclr_attention_packed(qkv, layout, backend="triton"), expected) < 1e-5
+    out = adclr_attention_packed(qkv.requires_grad_(), layout, backend="triton")
+    do = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    (grad_ref,) = torch.autograd.grad(expected, qkv64, do.double())
+    assert max_error(out, expected) < 1e-5 and max_error(grad, grad_ref) < 1e-5
 
 
 def test_compiles_without_graph_break():
@@ -288,7 +390,7 @@ def test_gpu_real_shapes(shape, rule, dtype):
 
 
 GPU_VARIANT_SHAPES = [("short", "vit_s16_local96"), ("fused", "vit_s16_local96"), ("fused", "vit_s16_global")]
-GPU_VARIANT_SHAPES += [("fused", "vit_s8_global"), ("v1", "vit_s16_global"), ("v1", "vit_s16_local96")]
+GPU_VARIANT_SHAPES += [("fused", "vit_s8_global")]
 
 
 @pytest.mark.gpu
@@ -332,7 +434,7 @@ def test_gpu_offsets_past_2_31_elements():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant, R", [("short", 37), ("fused", 37), ("fused", 197), ("v1", 197)])
+@pytest.mark.parametrize("variant, R", [("short", 37), ("fused", 37), ("fused", 197)])
 @pytest.mark.parametrize("rule", ["prefix+raw", "raw+self"])
 def test_gpu_backward_is_deterministic(variant, R, rule):
     layout = AttentionLayout(R, 10, query_keys=rule)

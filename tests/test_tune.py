@@ -58,9 +58,9 @@ def test_candidates_at_vit_lengths():
     short = tune.Case("local", 512, 6, 37, 10, 64, "prefix+raw", "bf16")
     long = tune.Case("s8", 32, 6, 785, 10, 64, "prefix+raw", "bf16")
     short_candidates, long_candidates = tune.candidates(short, False), tune.candidates(long, False)
-    assert {c.variant for c in short_candidates if c.direction == "bwd"} == {"v1", "fused", "short"}
-    assert {c.variant for c in long_candidates if c.direction == "bwd"} == {"v1", "fused"}  # 795 rows: no one tile
-    assert all(c.tiles.block_m <= 64 for c in short_candidates if c.tiles and c.tiles.block_m)  # L = 47
+    assert {c.variant for c in short_candidates if c.direction == "bwd"} == {"fused", "short"}
+    assert {c.variant for c in long_candidates if c.direction == "bwd"} == {"fused"}  # 795 rows: no one tile
+    assert all(c.tiles.block_m <= 64 for c in short_candidates)  # L = 47
     # The defaults are among the candidates, so the tuner can only match or beat them.
     for case in (short, long):
         default = plans.default_plan(case.layout.length, 64, torch.bfloat16)
@@ -71,7 +71,7 @@ def test_candidates_at_vit_lengths():
 
 def test_the_key_plan_sums_over_shapes_and_skips_candidates_not_exact_everywhere():
     a, b = tune.Candidate("fwd", "v2", T(64, 64, 4, 2)), tune.Candidate("fwd", "v2", T(128, 64, 8, 3))
-    f, s = tune.Candidate("bwd", "fused", T(64, 32, 4, 2)), tune.Candidate("bwd", "v1", None)
+    f, s = tune.Candidate("bwd", "fused", T(64, 32, 4, 2)), tune.Candidate("bwd", "fused", T(128, 32, 8, 2))
     # b is fastest on the first shape but was inexact on the second; a wins on the sum.
     measured = [{"fwd": {a: 1.0, b: 0.5}, "bwd": {f: 2.0, s: 1.9}}, {"fwd": {a: 1.0}, "bwd": {f: 2.0, s: 2.5}}]
     assert tune.choose_plan(measured) == (a, f)  # f: 4.0 in all, s: 4.4
@@ -98,7 +98,8 @@ def test_write_table_merges_by_key_and_drops_invalid_entries(tmp_path):
         "mask": "raw",
         "auto": {"fwd": "sdpa", "fwd+bwd": "sdpa"},
     }
-    old |= {"fwd": {"variant": "v1", "tiles": None}, "bwd": {"variant": "v1", "tiles": None}}
+    tiles = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+    old |= {"fwd": {"variant": "v2", "tiles": tiles}, "bwd": {"variant": "fused", "tiles": tiles}}
     replaced = old | {"seq_bucket": "256"}
     path.write_text(json.dumps({"schema": 1, "entries": [old, replaced, {"broken": True}]}))
     key = plans.ShapeKey(64, "256", "bf16", "raw")
@@ -186,9 +187,9 @@ def test_the_table_stores_the_plan_raced_against_sdpa(tmp_path, monkeypatch, cap
     shapes = {"a": (1, 2, 37, 10, 16), "b": (1, 2, 30, 10, 16)}  # L = 47 and 40: one key (bucket 64)
     monkeypatch.setattr(tune, "TINY_SHAPES", shapes)
     v2_32, v2_16 = plans.INTERPRETER_TILES, BAD
-    fake = {  # per shape: v1 fastest on a, the 16-row tiles on b; the 32-row tiles win on the sum
-        "a": {"v1": 1, f"v2 {v2_32}": 2, f"v2 {v2_16}": 10, f"fused {v2_32}": 3, f"fused {v2_16}": 10},
-        "b": {"v1": 10, f"v2 {v2_32}": 2, f"v2 {v2_16}": 1, f"fused {v2_32}": 3, f"fused {v2_16}": 1},
+    fake = {  # per shape: the 32-row tiles fastest on a, the 16-row tiles on b; the 32-row tiles win on the sum
+        "a": {f"v2 {v2_32}": 2, f"v2 {v2_16}": 10, f"fused {v2_32}": 3, f"fused {v2_16}": 10},
+        "b": {f"v2 {v2_32}": 2, f"v2 {v2_16}": 3, f"fused {v2_32}": 3, f"fused {v2_16}": 1},
     }
     real_kernel = tune.Measurement.kernel
 
@@ -221,3 +222,27 @@ def test_the_table_stores_the_plan_raced_against_sdpa(tmp_path, monkeypatch, cap
         assert entry["auto"][mode] == ("triton" if ours <= sdpa else "sdpa")
     (summary_line,) = [line for line in report.tune_summary(rows) if line.startswith(" 16")]
     assert summary_line.endswith(stored.removeprefix("ours: "))
+
+
+def test_interleaved_timing_rotates_the_order_and_times_each_function():
+    """Each repetition calls every function once, starting one further along each time (no
+    candidate always first or last while the clock drifts); one warm-up call each; leaves' grads
+    reset before every call; one median per function."""
+    from bench import common
+
+    calls, leaf = [], torch.zeros(1, requires_grad=True)
+
+    def make(name):
+        def fn():
+            assert leaf.grad is None
+            leaf.grad = torch.ones(1)
+            calls.append(name)
+
+        return fn
+
+    times = common.interleaved_ms({n: make(n) for n in "abc"}, "cpu", grad_to_none=[leaf])
+    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+    reps = common.CPU_REPS
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    expected = [n for r in range(reps) for n in ("abc"[r % 3 :] + "abc"[: r % 3])]
+    assert calls[3:] == expected and reps >= 2 and common.MIN_REPS >= 50
