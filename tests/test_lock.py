@@ -78,6 +78,8 @@ def test_train_refuses_a_folder_in_use_in_one_line(tmp_path):
         first.send_signal(signal.SIGTERM)
         first.wait()
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: --output_dir {folder} is in use by another run (pid {first.pid} on ")
-    assert result.stderr.count("\n") == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        f"error: --output_dir {folder} is in use by another run (pid {first.pid} on "
+    )  # the last line (torch may warn before it, e.g. of more loader workers than CPUs)
+    assert "Traceback" not in result.stderr
     assert sorted(os.listdir(folder)) == [LOCK_NAME]  # nothing written
