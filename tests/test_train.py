@@ -292,8 +292,9 @@ def test_visualize_writes_attention_pictures(two_epochs, tmp_path):
     visualize(["--checkpoint", checkpoint, "--output_dir", str(tmp_path / "pics"), "--num_query", "3"])
     cls_png = Image.open(tmp_path / "pics" / "cls_attention.png")
     query_png = Image.open(tmp_path / "pics" / "query_attention.png")
-    heads = 3  # vit_pico: the image, the mean map, one map per head, each 224 px with 2 px between
-    assert cls_png.size == ((heads + 2) * 226 + 2, 228) and query_png.size == (4 * 226 + 2, 228)
+    heads, side = 3, 48 * 5  # vit_pico: the image, the mean map, one map per head; 48 px x 5 >= 224, 2 px between
+    assert cls_png.size == ((heads + 2) * (side + 2) + 2, side + 4)
+    assert query_png.size == (4 * (side + 2) + 2, side + 4)
 
 
 def test_unreadable_images_are_skipped(tmp_path):
@@ -326,8 +327,8 @@ def test_eval_data_path_drives_the_evaluation(tmp_path):
     from adclr.data import write_scenes
     from adclr.evaluate import EvalConfig, evaluate_backbone
 
-    write_scenes(str(tmp_path / "shapes"), train_size=30, val_size=12, size=32, seed=5)
-    folder = str(tmp_path / "shapes" / "classification")
+    write_scenes(str(tmp_path / "scenes"), train_size=30, val_size=12, size=48, seed=5)
+    folder = str(tmp_path / "scenes" / "classification")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     result = train(run_dir, "--epochs", "1", "--eval_data_path", folder)
@@ -336,7 +337,7 @@ def test_eval_data_path_drives_the_evaluation(tmp_path):
     record = log_records(run_dir)[-1]
     assert "dense_miou_teacher" not in record and "dense_miou_random_init" not in record
     teacher, _ = load_backbone(str(run_dir / "checkpoint.pth"))
-    expected = evaluate_backbone(teacher, EvalConfig(data_path=folder, image_size=32), torch.device("cpu"))
+    expected = evaluate_backbone(teacher, EvalConfig(data_path=folder, image_size=48), torch.device("cpu"))
     assert record["knn_top1_teacher"] == pytest.approx(expected["knn_top1"], abs=1e-9)
 
     missing = tmp_path / "missing_eval"
