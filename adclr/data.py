@@ -46,10 +46,11 @@ class SyntheticScenes(Dataset):
     more than 2 x 2 patches.
 
     With ``target="mask"`` items are ``(uint8 [3, size, size], int64 mask [size, size])``: per pixel the
-    class of the topmost object covering at least half of it (``SEGMENTATION_CLASSES``: 0 = background,
+    class of an object that owns at least half of it (``SEGMENTATION_CLASSES``: 0 = background,
     c + 1 = shape c), and ``transform(image, mask)`` is joint. ``split`` is ``train``, ``holdout`` (more
     train-distribution scenes, never trained on: for choosing settings) or ``test`` (the val split).
-    Scenes are generated from ``(seed, split, index)``, the same on every call (about a millisecond each).
+    Scenes are generated from ``(seed, split, index)``, the same on every call (a few milliseconds each,
+    then cached).
     """
 
     num_classes = len(SHAPES)
