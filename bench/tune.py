@@ -8,10 +8,12 @@
 1. Every candidate (forward: v2 x tiles; backward: fused x tiles, short x warps where L
    fits one tile) is compiled first in a pool of processes that share Triton's on-disk cache, by
    running it once at batch 1 with the real strides (what a ViT call specialises to).
-2. Per case (shape x rule x dtype, most important first): each candidate runs once into NaN-filled
-   outputs and must pass the test suite's accuracy rule against a float32 SDPA result (error at most
-   twice SDPA's own in the same dtype plus one ulp; the forward's log-sum-exp, which the backward
-   reads, within 1e-4 relative of the fp32 one over each row's allowed keys); only then are its
+2. Per case (shape x rule x dtype, most important first): each candidate runs on two random inputs into
+   NaN-filled outputs and must pass the test suite's accuracy rule against a float32 SDPA result on
+   every row group (``row_groups``: raw and query rows; dQ rows, and dK/dV of the prefix, patch and
+   query keys), each group's error at most twice SDPA's own on it in the same dtype plus one ulp; the
+   forward's log-sum-exp, which the backward reads, within 1e-4 relative of the fp32 one over each
+   row's allowed keys; only then are its
    kernels timed alone (``bench.common.interleaved_ms``: CUDA events, L2 flushed before each call, at
    least 50 repetitions; the GPU is first kept busy until its clock is stable). An inexact or
    failing candidate is reported and never chosen.
@@ -172,63 +174,103 @@ def _sdpa_with_grad(qkv: torch.Tensor, do: torch.Tensor, layout) -> tuple[torch.
     return out.detach(), grad
 
 
-class Measurement:
-    """Inputs, exactness bounds and preallocated outputs of one case, for timing kernels alone."""
+def row_groups(layout) -> dict[str, dict[str, tuple]]:
+    """The slices a gate checks apart, per direction: forward output rows (raw, query), and the backward's
+    dQ rows (raw, query) and dK/dV keys (prefix, patches, queries); empty groups are left out. An error
+    confined to a few rows (the query rows, the prefix key) is then measured against what SDPA makes
+    of those rows, not hidden under the largest error of the whole tensor. Indices are into ``[B, L, ...]``
+    outputs and ``[B, L, 3, H, D]`` packed gradients."""
+    P, R, L = layout.num_prefix, layout.num_raw, layout.length
+    ranges = {"raw rows": (0, R), "query rows": (R, L)}
+    keys = {"prefix keys": (0, P), "patch keys": (P, R), "query keys": (R, L)}
+    fwd = {name: (slice(None), slice(*span)) for name, span in ranges.items() if span[1] > span[0]}
+    bwd = {f"dQ {name}": (slice(None), slice(*span), 0) for name, span in ranges.items() if span[1] > span[0]}
+    bwd |= {
+        f"dK/dV {name}": (slice(None), slice(*span), slice(1, 3)) for name, span in keys.items() if span[1] > span[0]
+    }
+    return {"fwd": fwd, "bwd": bwd}
 
-    def __init__(self, case: Case, device: str, tiny: bool):
-        self.case, self.device, self.tiny = case, device, tiny
+
+class _Input:
+    """One random input of a case: its fp32 truth (SDPA in fp32) and, per row group, the bound a candidate's
+    error must meet: twice what SDPA in the case's dtype errs on that group, plus the dtype's floor."""
+
+    def __init__(self, case: Case, device: str, groups: dict, seed: int):
         layout, dtype = case.layout, case.torch_dtype
-        self.layout, self.scale = layout, case.head_dim**-0.5
+        generator = torch.Generator(device).manual_seed(seed)
         shape = (case.batch, layout.length, 3, case.heads, case.head_dim)
-        self.qkv = torch.randn(shape, dtype=dtype, device=device)
-        self.do = torch.randn(case.batch, layout.length, case.heads, case.head_dim, dtype=dtype, device=device)
-        truth, truth_grad = _sdpa_with_grad(self.qkv.float(), self.do.float(), layout)
+        self.qkv = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        self.do = torch.randn(
+            case.batch, layout.length, case.heads, case.head_dim, dtype=dtype, device=device, generator=generator
+        )
+        self.truth, self.truth_grad = _sdpa_with_grad(self.qkv.float(), self.do.float(), layout)
         same, same_grad = _sdpa_with_grad(self.qkv, self.do, layout)
         floor = ERROR_FLOOR[dtype]
-        self.truth, self.truth_grad = truth, truth_grad
-        self.out_bound = 2 * _error(same, truth) + floor
-        self.grad_bound = 2 * _error(same_grad, truth_grad) + floor
+        self.bounds = {
+            "fwd": {name: 2 * _error(same[i], self.truth[i]) + floor for name, i in groups["fwd"].items()},
+            "bwd": {name: 2 * _error(same_grad[i], self.truth_grad[i]) + floor for name, i in groups["bwd"].items()},
+        }
         q, k, v = self.qkv.permute(2, 0, 3, 1, 4).unbind(0)
         self.q, self.k, self.v = q, k, v
         # The base-2 log-sum-exp the backward reads: fp32 over each row's allowed keys, as the tests check it.
-        scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale
+        scores = (q.float() @ k.float().transpose(-2, -1)) * case.head_dim**-0.5
         allowed = layout.dense_mask(device)
         self.lse_truth = (scores.masked_fill(~allowed, -math.inf).logsumexp(-1) * ops.LOG2E).flatten(0, 1)
         self.lse_bound = 1e-4 * max(1.0, self.lse_truth.abs().max().item())
-        del scores
+        self.do_view = self.do.transpose(1, 2)
+
+
+class Measurement:
+    """Two random inputs of one case with their exactness bounds, and preallocated outputs, for checking
+    candidates on both and timing their kernels alone (on the first)."""
+
+    def __init__(self, case: Case, device: str, tiny: bool):
+        self.case, self.device, self.tiny = case, device, tiny
+        self.layout, self.scale = case.layout, case.head_dim**-0.5
+        self.groups = row_groups(case.layout)
+        self.inputs = [_Input(case, device, self.groups, seed) for seed in (0, 1)]
+        q = self.inputs[0].q
         self.o, self.o_view, self.lse = ops.forward_outputs(q, seq_major=True)
         self.grads, self.grad_views = ops.gradient_outputs(q, seq_major=True)
-        self.do_view = self.do.transpose(1, 2)
         self.capability = torch.cuda.get_device_capability() if device == "cuda" else None
 
-    def check(self, candidate: Candidate) -> tuple[list, str, float, float]:
-        """Run the candidate once into NaN-filled outputs, so that rows it leaves unwritten fail instead
-        of passing on an earlier candidate's values. ``(its launches, status, error, bound)``; status
-        ``ok``, ``inexact`` (output or gradients) or ``inexact lse`` (the forward's log-sum-exp)."""
-        for t in (self.o, self.lse, self.grads):
-            t.fill_(math.nan)
+    def _launches(self, candidate: Candidate, x: _Input) -> tuple[list, list]:
         plan = plan_of(candidate, self.case, self.tiny)
         params = self.layout.kernel_params
-        fwd = ops.forward_launches(
-            self.q, self.k, self.v, self.o_view, self.lse, params, self.scale, plan, self.capability
-        )
-        for launch in fwd:
-            launch()
+        fwd = ops.forward_launches(x.q, x.k, x.v, self.o_view, self.lse, params, self.scale, plan, self.capability)
         if candidate.direction == "fwd":
-            lse_error = _error(self.lse, self.lse_truth)
-            if lse_error > self.lse_bound:
-                return fwd, "inexact lse", lse_error, self.lse_bound
-            error, bound = _error(self.o, self.truth), self.out_bound
-            return fwd, "ok" if error <= bound else "inexact", error, bound
+            return fwd, []
         dq, dk, dv = self.grad_views
         bwd = ops.backward_launches(
-            self.do_view, self.q, self.k, self.v, self.o_view, self.lse, dq, dk, dv, params, self.scale, plan,
-            self.capability,
-        )  # fmt: skip
-        for launch in bwd:
-            launch()
-        error, bound = _error(self.grads, self.truth_grad), self.grad_bound
-        return bwd, "ok" if error <= bound else "inexact", error, bound
+            x.do_view, x.q, x.k, x.v, self.o_view, self.lse, dq, dk, dv, params, self.scale, plan, self.capability
+        )
+        return fwd, bwd
+
+    def check(self, candidate: Candidate) -> tuple[list, str, float, float]:
+        """Run the candidate on each input into NaN-filled outputs (rows it leaves unwritten fail instead of
+        passing on an earlier candidate's values) and compare every row group with its bound.
+        ``(its launches on the first input, status, error, bound)``; status ``ok``, ``inexact`` (a group of
+        the output or of the gradients; error and bound are that group's) or ``inexact lse`` (the
+        forward's log-sum-exp)."""
+        timed, worst = None, (0.0, math.nan, math.nan)  # (error / bound, error, bound) of the closest group
+        for x in self.inputs:
+            for t in (self.o, self.lse, self.grads):
+                t.fill_(math.nan)
+            fwd, bwd = self._launches(candidate, x)
+            for launch in fwd + bwd:
+                launch()
+            timed = timed or (fwd if candidate.direction == "fwd" else bwd)
+            if candidate.direction == "fwd":
+                lse_error = _error(self.lse, x.lse_truth)
+                if lse_error > x.lse_bound:
+                    return timed, "inexact lse", lse_error, x.lse_bound
+            actual, truth = (self.o, x.truth) if candidate.direction == "fwd" else (self.grads, x.truth_grad)
+            for name, index in self.groups[candidate.direction].items():
+                error, bound = _error(actual[index], truth[index]), x.bounds[candidate.direction][name]
+                if not error <= bound:
+                    return timed, "inexact", error, bound
+                worst = max(worst, (error / bound, error, bound))
+        return timed, "ok", worst[1], worst[2]
 
     def kernel(self, candidate: Candidate) -> tuple[float, str, float, float]:
         """``(ms, status, error, bound)`` of the candidate's launches alone, into preallocated buffers;

@@ -246,3 +246,46 @@ def test_interleaved_timing_rotates_the_order_and_times_each_function():
     assert calls[:3] == ["a", "b", "c"]  # warm-up
     expected = [n for r in range(reps) for n in ("abc"[r % 3 :] + "abc"[: r % 3])]
     assert calls[3:] == expected and reps >= 2 and common.MIN_REPS >= 50
+
+
+def test_a_forward_wrong_only_on_the_second_input_is_rejected(monkeypatch):
+    """Each candidate is checked on two different inputs: one right by chance on the first is caught."""
+    m = tune.Measurement(TINY47, "cpu", True)
+    real = tune.ops.forward_launches
+
+    def wrong_on_second(q, *args):
+        launches = real(q, *args)
+        return launches + [args[2].zero_] if q is m.inputs[1].q else launches  # args[2]: the output view
+
+    monkeypatch.setattr(tune.ops, "forward_launches", wrong_on_second)
+    candidate = tune.Candidate("fwd", "v2", BAD)
+    assert m.check(candidate)[1] == "inexact"
+    monkeypatch.setattr(tune.ops, "forward_launches", real)
+    assert m.check(candidate)[1] == "ok"
+
+
+def test_the_backward_gate_checks_each_row_group_against_its_own_bound(monkeypatch):
+    """In fp16 an error on the query keys' dK (a few small rows) that stays far below the whole gradient's
+    bound, which the largest rows set, is still caught: each group has the bound SDPA earns on it."""
+    case = tune.Case("tiny47", *tune.TINY_SHAPES["tiny47"], "raw+self", "fp16")
+    m = tune.Measurement(case, "cpu", True)
+    x = m.inputs[0]
+    group = "dK/dV query keys"
+    group_bound = x.bounds["bwd"][group]
+    _, same_grad = tune._sdpa_with_grad(x.qkv, x.do, case.layout)
+    whole_bound = 2 * tune._error(same_grad, x.truth_grad) + tune.ERROR_FLOOR[torch.float16]
+    error = (group_bound + whole_bound) / 2
+    assert group_bound < error < whole_bound  # a whole-tensor gate would pass this candidate
+    real = tune.ops.backward_launches
+    R = case.layout.num_raw
+
+    def spoiled(*args):
+        dk = args[7]  # [B, H, L, D] view of the packed gradient
+        return real(*args) + [lambda: dk[:, :, R:].add_(error)]
+
+    monkeypatch.setattr(tune.ops, "backward_launches", spoiled)
+    candidate = tune.Candidate("bwd", "fused", BAD)
+    launches, status, reported, bound = m.check(candidate)
+    assert status == "inexact" and bound == group_bound and reported > bound
+    monkeypatch.setattr(tune.ops, "backward_launches", real)
+    assert m.check(candidate)[1] == "ok"
