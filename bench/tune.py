@@ -13,9 +13,9 @@
    every row group (``row_groups``: raw and query rows; dQ rows, and dK/dV of the prefix, patch and
    query keys), each group's error at most twice SDPA's own on it in the same dtype plus one ulp; the
    forward's log-sum-exp, which the backward reads, within 1e-4 relative of the fp32 one over each
-   row's allowed keys; only then are its
-   kernels timed alone (``bench.common.interleaved_ms``: CUDA events, L2 flushed before each call, at
-   least 50 repetitions; the GPU is first kept busy until its clock is stable). An inexact or
+   row's allowed keys; then the exact candidates' kernels are timed alone, every candidate of a
+   direction in one interleaved run (``bench.common.interleaved_ms``: CUDA events, L2 flushed before
+   each call, at least 50 repetitions; the GPU is first kept busy until its clock is stable). An inexact or
    failing candidate is reported and never chosen.
 3. The shapes that share a key (head dim, sequence bucket, dtype, mask kind) decide its plan: the
    forward and the backward exact on all of them with the least summed time.
@@ -272,31 +272,30 @@ class Measurement:
                 worst = max(worst, (error / bound, error, bound))
         return timed, "ok", worst[1], worst[2]
 
-    def kernel(self, candidate: Candidate) -> tuple[float, str, float, float]:
-        """``(ms, status, error, bound)`` of the candidate's launches alone, into preallocated buffers;
-        ms is NaN unless the candidate passed ``check``."""
-        launches, status, error, bound = self.check(candidate)
-        if status != "ok":
-            return math.nan, status, error, bound
-        run = {"kernel": lambda: [launch() for launch in launches]}
-        return interleaved_ms(run, self.device)["kernel"], status, error, bound
-
 
 def measure_case(case: Case, device: str, tiny: bool, failed: dict, rows: list) -> dict:
-    """Check and time every candidate of ``case``: ``{"fwd": {candidate: ms}, "bwd": {...}}``, the exact ones."""
+    """Check every candidate of ``case``, then time the exact ones' kernels alone, all candidates of a
+    direction in one interleaved run (so that a clock drift favours none of them):
+    ``{"fwd": {candidate: ms}, "bwd": {...}}``."""
     m = Measurement(case, device, tiny)
-    results = {"fwd": {}, "bwd": {}}
+    checked = []  # (candidate, launches, status, error, bound)
     for candidate in candidates(case, tiny):
         identity = _compile_identity(case, candidate)
         if identity in failed:
-            status, ms, error, bound = f"compile failed: {failed[identity]}", math.nan, math.nan, math.nan
-        else:
-            try:
-                ms, status, error, bound = m.kernel(candidate)
-            except Exception as err:  # noqa: BLE001 - one failing candidate must not stop the tuning
-                status, ms, error, bound = f"failed: {type(err).__name__}: {err}", math.nan, math.nan, math.nan
-        if status == "ok":
-            results[candidate.direction][candidate] = ms
+            checked.append((candidate, None, f"compile failed: {failed[identity]}", math.nan, math.nan))
+            continue
+        try:
+            checked.append((candidate, *m.check(candidate)))
+        except Exception as err:  # noqa: BLE001 - one failing candidate must not stop the tuning
+            checked.append((candidate, None, f"failed: {type(err).__name__}: {err}", math.nan, math.nan))
+    results = {"fwd": {}, "bwd": {}}
+    for direction, times in results.items():
+        exact = {c: launches for c, launches, status, *_ in checked if status == "ok" and c.direction == direction}
+        if exact:
+            run = {c: (lambda launches=launches: [launch() for launch in launches]) for c, launches in exact.items()}
+            times.update(interleaved_ms(run, device))
+    for candidate, _, status, error, bound in checked:
+        ms = results[candidate.direction].get(candidate, math.nan)
         rows.append(_row(case, candidate.direction, candidate.label(), ms, error, bound, status))
     del m
     if device == "cuda":

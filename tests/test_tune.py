@@ -3,6 +3,7 @@ as on a GPU: precompile pool, exactness gate, timing, table) and its decision lo
 
 import csv
 import json
+import math
 import warnings
 
 import pytest
@@ -191,13 +192,20 @@ def test_the_table_stores_the_plan_raced_against_sdpa(tmp_path, monkeypatch, cap
         "a": {f"v2 {v2_32}": 2, f"v2 {v2_16}": 10, f"fused {v2_32}": 3, f"fused {v2_16}": 10},
         "b": {f"v2 {v2_32}": 2, f"v2 {v2_16}": 3, f"fused {v2_32}": 3, f"fused {v2_16}": 1},
     }
-    real_kernel = tune.Measurement.kernel
+    real_measure, real_timing, current = tune.measure_case, tune.interleaved_ms, {}
 
-    def fake_kernel(self, candidate):
-        ms, status, error, bound = real_kernel(self, candidate)
-        return fake[self.case.shape].get(candidate.label(), 20.0), status, error, bound
+    def measure(case, *args):
+        current["shape"] = case.shape
+        return real_measure(case, *args)
 
-    monkeypatch.setattr(tune.Measurement, "kernel", fake_kernel)
+    def fake_kernel_times(fns, device, **kwargs):  # the candidates' kernels still run; their times are faked
+        times = real_timing(fns, device, **kwargs)
+        if all(isinstance(name, tune.Candidate) for name in fns):
+            return {c: fake[current["shape"]].get(c.label(), 20.0) for c in fns}
+        return times
+
+    monkeypatch.setattr(tune, "measure_case", measure)
+    monkeypatch.setattr(tune, "interleaved_ms", fake_kernel_times)
     table_dir, out = tmp_path / "tiles", tmp_path / "out"
     args = ["--device", "cpu", "--tiny", "--rules", "raw", "--skip_precompile"]
     tune.main([*args, "--table_dir", str(table_dir), "--output_dir", str(out)])
@@ -289,3 +297,31 @@ def test_the_backward_gate_checks_each_row_group_against_its_own_bound(monkeypat
     assert status == "inexact" and bound == group_bound and reported > bound
     monkeypatch.setattr(tune.ops, "backward_launches", real)
     assert m.check(candidate)[1] == "ok"
+
+
+def test_the_exact_candidates_of_a_direction_are_timed_in_one_interleaved_run(monkeypatch):
+    """Candidates are checked first, then each direction's exact ones share one interleaved timing run;
+    an inexact candidate is never timed and is reported with a NaN time."""
+    calls = []
+    real = tune.interleaved_ms
+
+    def recorded(fns, device, *args, **kwargs):
+        calls.append(list(fns))
+        return real(fns, device, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "interleaved_ms", recorded)
+    real_forward = tune.ops.forward_launches
+
+    def bad_tile_zeroes(*args):
+        launches = real_forward(*args)
+        return launches + [args[3].zero_] if args[-2].fwd_tiles == BAD else launches
+
+    monkeypatch.setattr(tune.ops, "forward_launches", bad_tile_zeroes)
+    rows = []
+    result = tune.measure_case(TINY47, "cpu", True, {}, rows)
+    expected = {d: [c for c in tune.candidates(TINY47, True) if c.direction == d] for d in ("fwd", "bwd")}
+    bad = tune.Candidate("fwd", "v2", BAD)
+    assert calls == [[c for c in expected["fwd"] if c != bad], expected["bwd"]]
+    assert set(result["fwd"]) == set(expected["fwd"]) - {bad} and set(result["bwd"]) == set(expected["bwd"])
+    timed = {r["candidate"]: r["ms"] for r in rows}
+    assert math.isnan(float(timed[bad.label()])) and all(ms > 0 for ms in result["fwd"].values())
