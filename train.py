@@ -325,7 +325,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         state.student.train()
-        sums = dict.fromkeys(engine.StepLosses.__dataclass_fields__, 0.0)
+        sums = {f.name: 0.0 for f in dataclasses.fields(engine.StepLosses)}
         skipped = 0
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, dynamic_ncols=True)
         tic = time.perf_counter()
