@@ -12,8 +12,8 @@ settings: settings are chosen there, never on test.
 
 Writes, under ``--output_dir`` (default ``bench/results/<date>_<device>_learning``): ``learning.md``
 (mean ± standard deviation over seeds per method, the per-seed ADCLR - DINO differences with their
-mean and standard error, the final CLS loss against ln K), ``learning.png`` (both metrics per epoch,
-mean ± std bands) and ``learning.json`` (every run's log). Flags after ``--`` go to every run.
+mean and standard error, the final CLS loss against ln K), ``learning.png`` (both metrics and the CLS
+loss per epoch, mean ± std bands) and ``learning.json`` (every run's log). Flags after ``--`` go to every run.
 """
 
 from __future__ import annotations
@@ -80,18 +80,20 @@ def markdown(final: dict, seeds: list[int], header: list[str], out_dim: int) -> 
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict, seeds: list[int], path: str) -> None:
-    """Both metrics per evaluated epoch, mean ± std over seeds, per method (random init as a dashed line)."""
+def plot(runs: dict, seeds: list, path: str, out_dim: int) -> None:
+    """Both metrics per evaluated epoch and the CLS loss per epoch (against ln K, where a collapsed run
+    ends), mean ± std over seeds, per method; random init as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.6), constrained_layout=True)
-    for ax, (metric, name) in zip(axes, METRICS.items()):
+    panels = {**{f"{metric}_teacher": name for metric, name in METRICS.items()}, "cls": "CLS loss"}
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), constrained_layout=True)
+    for ax, (key, name) in zip(axes, panels.items()):
         for method, colour in zip(METHODS, ("tab:red", "tab:blue")):
-            epochs = [r["epoch"] for r in runs[method][seeds[0]] if f"{metric}_teacher" in r]
-            values = [[r[f"{metric}_teacher"] for r in runs[method][s] if f"{metric}_teacher" in r] for s in seeds]
+            epochs = [r["epoch"] for r in runs[method][seeds[0]] if key in r]
+            values = [[r[key] for r in runs[method][s] if key in r] for s in seeds]
             stats = [mean_std([v[i] for v in values]) for i in range(len(epochs))]
             mean = [m for m, _ in stats]
             spread = [0 if math.isnan(s) else s for _, s in stats]
@@ -103,8 +105,11 @@ def plot(runs: dict, seeds: list[int], path: str) -> None:
                 color=colour,
                 alpha=0.2,
             )
-        baseline = statistics.fmean(runs["adclr"][s][-1][f"{metric}_random_init"] for s in seeds)
-        ax.axhline(baseline, color="grey", linestyle="--", label="random init")
+        if key == "cls":
+            ax.axhline(math.log(out_dim), color="black", linestyle=":", label="ln K (collapse)")
+        else:
+            baseline = statistics.fmean(runs["adclr"][s][-1][key.replace("_teacher", "_random_init")] for s in seeds)
+            ax.axhline(baseline, color="grey", linestyle="--", label="random init")
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.legend()
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         f.write("\n![metrics per epoch](learning.png)\n")
     with open(os.path.join(output_dir, "learning.json"), "w") as f:
         json.dump({"final": final, "runs": runs, "flags": flags, "split": args.split}, f, indent=1)
-    plot(runs, args.seeds, os.path.join(output_dir, "learning.png"))
+    plot(runs, args.seeds, os.path.join(output_dir, "learning.png"), _out_dim(output_dir, args.seeds[0]))
     print(open(os.path.join(output_dir, "learning.md")).read())
 
 
