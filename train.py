@@ -26,7 +26,6 @@ import time
 # a path answer before torch loads (a minute on a loaded machine). train() imports the rest.
 from adclr.choices import ARCHS, ATTN_BACKENDS, PRECISIONS, QUERY_KEY_RULES
 from adclr.cli import (
-    UserError,
     add_debug_flag,
     check_device,
     parse_bool,
@@ -36,7 +35,8 @@ from adclr.cli import (
     require_writable_folder,
     user_errors,
 )
-from adclr.config import BOUNDS, PAIRS, PRESETS, ConfigError, TrainConfig, field_default, make_config, preset_table
+from adclr.config import BOUNDS, PAIRS, PRESETS, TrainConfig, field_default, make_config, preset_table
+from adclr.errors import ConfigError, UserError
 
 # Each step the fp16 gradient scaler skips halves its scale: 30 in a row take it from 2**16 to 2**-14,
 # past any overflow a sound run recovers from (a start-up typically skips a handful).
@@ -173,18 +173,20 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
     from tqdm import tqdm
 
-    from adclr import engine
+    from adclr import train_step
     from adclr.augment import MultiCropAugmentation, MultiCropConfig
     from adclr.checkpoint import LATEST, find_resumable, restore, save_checkpoint, set_aside
     from adclr.data import ImageFiles, SyntheticScenes, collate_multicrop
+    from adclr.distributed import init_distributed
     from adclr.files import atomic_write
     from adclr.kernels import interpreter_enabled
     from adclr.lock import hold_output_dir
-    from adclr.runtime import SeededItems, configure_threads
-    from adclr.training import init_distributed, seed_everything
+    from adclr.loss import collapse_warnings
+    from adclr.runtime import SeededItems, configure_threads, seed_everything
+    from adclr.schedules import build_schedules
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.optim.precision = cfg.optim.precision or engine.default_precision(device)
+    cfg.optim.precision = cfg.optim.precision or train_step.default_precision(device)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     notes = check_device(cfg, device.type, capability, interpreter_enabled())
     dist_info = init_distributed(device.type)
@@ -245,8 +247,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         log(f"note: {note}")
 
     # ---- student, teacher (EMA of the student), loss, optimizer; per-iteration schedules -----------
-    state = engine.build_train_state(cfg, device, distributed=dist_info.enabled)
-    schedules = engine.build_schedules(cfg, iters_per_epoch, dist_info.world_size)
+    state = train_step.build_train_state(cfg, device, distributed=dist_info.enabled)
+    schedules = build_schedules(cfg, iters_per_epoch, dist_info.world_size)
 
     # ---- resume ------------------------------------------------------------------------------------
     start_epoch, history = 0, []
@@ -289,7 +291,9 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         epoch = record["epoch"]
         if epoch == epochs or (cfg.run.eval_every and epoch % cfg.run.eval_every == 0):
             if not baseline:  # the same architecture at its initialisation, evaluated once per run
-                baseline = evaluate(cfg, engine.random_init_backbone(cfg).to(device), device, "random_init", dist_info)
+                baseline = evaluate(
+                    cfg, train_step.random_init_backbone(cfg).to(device), device, "random_init", dist_info
+                )
             evaluation = {**evaluate(cfg, state.teacher.backbone, device, "teacher", dist_info), **baseline}
             record.update(evaluation)
             log("evaluation: " + json.dumps(evaluation))
@@ -325,7 +329,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         state.student.train()
-        sums = {f.name: 0.0 for f in dataclasses.fields(engine.StepLosses)}
+        sums = {f.name: 0.0 for f in dataclasses.fields(train_step.StepLosses)}
         skipped = 0
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, dynamic_ncols=True)
         tic = time.perf_counter()
@@ -337,8 +341,8 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
             query_crops = query_crops.to(device, non_blocking=True) if use_queries else None
             scale = state.scaler.get_scale()  # 1.0 (and no GPU sync) unless fp16
             try:
-                losses = engine.training_step(state, crops, query_crops, settings)
-            except engine.NonFiniteLossError as error:
+                losses = train_step.training_step(state, crops, query_crops, settings)
+            except train_step.NonFiniteLossError as error:
                 raise SystemExit(
                     f"{error} at epoch {epoch + 1}, iteration {it}; stopping training ({kept()})."
                 ) from None
@@ -387,7 +391,7 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         if state.scaler.is_enabled():
             record["skipped_steps"] = skipped
         history.append(record)
-        for warning in engine.collapse_warnings(record, cfg.model.out_dim):
+        for warning in collapse_warnings(record, cfg.model.out_dim):
             log(f"warning: epoch {epoch + 1}: {warning}")
         if main_process:
             save_epoch(epoch + 1)  # before any evaluation: a run stopped during it keeps this epoch

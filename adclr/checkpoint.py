@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli import UserError
 from .config import PRESETS, TrainConfig, default_preset, make_config
-from .engine import TrainState, build_backbone
+from .errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 from .files import atomic_write
 from .model import ADCLRVisionTransformer
+from .train_step import TrainState, build_backbone
 
 FORMAT = "adclr-checkpoint"
 VERSION = 1
@@ -48,14 +48,6 @@ _LEGACY_SAFE_GLOBALS = [_numpy_core.multiarray.scalar, np.dtype, type(np.dtype(n
 
 LATEST = "checkpoint.pth"  # rewritten every epoch; checkpointNNNN.pth are kept every saveckp_freq epochs
 NUMBERED = re.compile(r"checkpoint(\d{4,})\.pth")
-
-
-class CheckpointError(UserError):
-    """A file that is not a checkpoint this code can use; the message names the file and says why."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A file that cannot be read at all: empty, truncated, or not written by ``torch.save``."""
 
 
 @dataclass
@@ -86,10 +78,6 @@ def save_checkpoint(
         "loss": state.loss.state_dict(),
     }
     save_atomic(payload, path)
-
-
-class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (a full disk, a quota, a file-size limit); the old file is kept."""
 
 
 def save_atomic(payload: dict, path: str) -> None:

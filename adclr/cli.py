@@ -1,8 +1,7 @@
 """What the commands share: a user's mistake ends with one line and exit status 2, not a traceback.
 
-A ``UserError`` (``adclr.config.ConfigError``, ``adclr.checkpoint.CheckpointError``,
-``adclr.data.DataError`` and the commands' own) is a problem with what the user asked for: a value, a
-path, a data folder, a checkpoint. Commands run under ``user_errors(debug)``, which prints
+A ``UserError`` (``adclr.errors``) is a problem with what the user asked for: a value, a path, a
+data folder, a checkpoint. Commands run under ``user_errors(debug)``, which prints
 ``error: <message>`` to stderr and exits with status 2 (argparse's status for a bad flag); ``--debug``
 or ``ADCLR_DEBUG=1`` shows the traceback instead. Any other exception is a bug and keeps its traceback.
 
@@ -16,11 +15,9 @@ import contextlib
 import os
 import sys
 
+from .errors import UserError
+
 DEBUG_ENV = "ADCLR_DEBUG"
-
-
-class UserError(ValueError):
-    """A problem with what the user asked for; its message says what and how to fix it, in one line."""
 
 
 def add_debug_flag(parser: argparse.ArgumentParser, **kwargs) -> None:

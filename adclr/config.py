@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .choices import ARCHS, ATTN_BACKENDS, PRECISIONS, QUERY_KEY_RULES
-from .cli import UserError
+from .errors import ConfigError
 
 # The size-related values. ``paper`` is the paper's ViT-S/16 recipe on ImageNet. ``builtin`` is sized for
 # 600 iterations on a CPU on the built-in 48 px scenes: a narrow head (a 32-d bottleneck, 256 outputs), a
@@ -73,14 +73,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay_end=0.4,
     ),
 }
-
-
-class ConfigError(UserError):
-    """A config value out of its accepted range; ``field`` names the field (and the flag ``--{field}``)."""
-
-    def __init__(self, name: str, message: str):
-        self.field, self.message = name, message
-        super().__init__(f"{name} {message}")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from .cli import UserError, not_a_segmentation_split
+from .cli import not_a_segmentation_split
+from .errors import DataError
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "bar")
 SEGMENTATION_CLASSES = ("background", *SHAPES)  # mask value c is SEGMENTATION_CLASSES[c]
@@ -169,10 +170,6 @@ def _texture(ys: np.ndarray, xs: np.ndarray, size: int, rng: np.random.Generator
     else:
         pattern = 2 * rng.random((ys.shape[0], xs.shape[1]), dtype=np.float32) - 1
     return (strength * pattern)[None]
-
-
-class DataError(UserError):
-    """A data folder that cannot be trained on: missing, not a folder, or without readable images."""
 
 
 class UniqueFiles:

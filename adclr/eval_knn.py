@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import LabelledImages, check_same_classes
+from .distributed import DistInfo
 from .evaluate import (
     FrozenBackbone,
     add_common_arguments,
@@ -35,7 +36,6 @@ from .evaluate import (
     split_folders,
     write_results,
 )
-from .training import DistInfo
 
 KS = (10, 20, 100, 200)
 

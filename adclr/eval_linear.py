@@ -31,6 +31,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import save_atomic
 from .cli import parse_bool
 from .data import LabelledImages, check_same_classes
+from .distributed import DistInfo
 from .evaluate import (
     BackboneFeatures,
     FrozenBackbone,
@@ -47,7 +48,7 @@ from .evaluate import (
     split_folders,
     write_results,
 )
-from .training import DistInfo, seed_everything
+from .runtime import seed_everything
 
 
 class LinearClassifier(nn.Module):

@@ -35,6 +35,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .data import IGNORE_INDEX, SegmentationFolder
+from .distributed import DistInfo
 from .evaluate import (
     FrozenBackbone,
     add_common_arguments,
@@ -51,7 +52,6 @@ from .evaluate import (
     write_results,
 )
 from .files import atomic_write
-from .training import DistInfo
 
 
 class SegTransform:

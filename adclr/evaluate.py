@@ -31,9 +31,9 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import BRANCHES, load_backbone
 from .cli import INTERRUPTED
 from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticScenes, check_same_classes
+from .distributed import DistInfo, init_distributed
 from .export import load_exported
 from .files import atomic_write
-from .training import DistInfo, init_distributed
 
 # ---- transforms ------------------------------------------------------------------------------------
 

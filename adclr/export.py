@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from .checkpoint import BRANCHES, load_backbone
-from .cli import UserError, add_debug_flag, user_errors
+from .cli import add_debug_flag, user_errors
+from .errors import UserError
 from .files import atomic_write
 from .model import timm_create_kwargs
 

@@ -17,14 +17,10 @@ import os
 import re
 import socket
 
-from .cli import UserError
+from .errors import OutputDirInUse
 
 LOCK_NAME = ".adclr.lock"
 _TEMPORARY = re.compile(r".+\.tmp\.(\d+)")
-
-
-class OutputDirInUse(UserError):
-    """Another process holds the output folder's lock."""
 
 
 def hold_output_dir(output_dir: str, flag: str = "--output_dir") -> list[str]:

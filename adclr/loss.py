@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -141,3 +142,31 @@ def ema_center_(center: torch.Tensor, column_sum: torch.Tensor, rows: int, momen
         dist.all_reduce(total)
         dist.all_reduce(count)
     center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+
+
+def collapse_warnings(record: dict, out_dim: int) -> list[str]:
+    """What an epoch's mean teacher entropies (``StepLosses`` fields in ``record``) say of collapse.
+
+    Uniform collapse: the teacher's per-image outputs flatten (mean entropy above 0.75 ln K) and the CLS
+    loss drifts up towards ln K. One-hot collapse: every image's output piles onto a few dimensions (the
+    batch-mean output's entropy below 0.25 ln K: fewer than K^(1/4) dimensions used by a whole batch).
+    Healthy runs of the built-in preset stay below 0.6 ln K and above 0.35 ln K respectively
+    (bench/results/2026-12-05_cpu_collapse).
+    """
+    warnings, ln_k = [], math.log(out_dim)
+    for branch in ("cls", "query"):
+        mean, of_mean = record.get(f"{branch}_entropy"), record.get(f"{branch}_batch_entropy")
+        if mean is None or of_mean is None or out_dim < 2:
+            continue
+        if mean > 0.75 * ln_k:
+            warnings.append(
+                f"the teacher's {branch} outputs are collapsing to uniform (mean entropy {mean:.2f} of ln K = "
+                f"{ln_k:.2f}); try a lower --teacher_temp or --lr, a higher --momentum_teacher, or fewer/larger "
+                "local crops (--local_crops_number, --local_crops_scale)"
+            )
+        elif of_mean < 0.25 * ln_k:
+            warnings.append(
+                f"the teacher's {branch} outputs are collapsing to one dimension (entropy of the batch-mean output "
+                f"{of_mean:.2f} of ln K = {ln_k:.2f}); try a higher --teacher_temp or a lower --lr"
+            )
+    return warnings

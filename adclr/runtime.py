@@ -1,4 +1,8 @@
-"""What a seeded run's numbers depend on, fixed in one place: intra-op threads and per-image augmentation seeds.
+"""What a seeded run's numbers depend on, fixed in one place: the random generators' seeds, intra-op threads
+and per-image augmentation seeds.
+
+- ``seed_everything`` / ``seeded`` seed Python's, numpy's and torch's generators (``seeded``: for a block,
+  restoring them after).
 
 - ``intra_op_threads`` sizes PyTorch's intra-op threads against the CPUs this process may actually use
   (its affinity mask and cgroup quota, shared by torchrun's local processes) less the loader workers, so
@@ -13,7 +17,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 
 import numpy as np
 import torch
@@ -58,6 +64,25 @@ def configure_threads(num_workers: int, env=os.environ) -> str:
     )
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run the block under ``seed_everything(seed)``, then restore the Python, numpy and torch CPU RNGs."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        seed_everything(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed mixed from ``(seed, epoch, index)`` (numpy's ``SeedSequence``: nearby inputs, unrelated seeds)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -79,7 +104,5 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        from .engine import seeded  # late: engine imports the model stack
-
         with seeded(item_seed(self.seed, self.epoch, index)):
             return self.dataset[index]

@@ -28,9 +28,10 @@ from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, MultiCropConfig
 from .checkpoint import BRANCHES, load_backbone
-from .cli import UserError, add_debug_flag, user_errors
+from .cli import add_debug_flag, user_errors
 from .config import BOUNDS, Bounds
 from .data import SyntheticScenes
+from .errors import UserError
 from .files import atomic_write
 
 MIN_TILE = 224  # pixels: the smallest side a tile is shown at

@@ -3,7 +3,7 @@
     python -m bench.train_step                        # ViT-S/16, batch 64, 2x224 + 10x96 crops, Q = 10, bf16 (GPU)
     python -m bench.train_step --device cpu --tiny    # smoke test of the harness
 
-Every variant runs ``adclr.engine.training_step`` (the trainer's own iteration: teacher and student
+Every variant runs ``adclr.train_step.training_step`` (the trainer's own iteration: teacher and student
 forward, ADCLR loss, backward, clipping, AdamW, EMA) on the same model and the same random crops.
 "DINO" is the same model and loss with no query tokens. ``*_fused`` variants apply the heads' last
 layer inside the chunked fused loss (``--fused_loss true``); the others use the unfused reference
@@ -21,14 +21,15 @@ import time
 
 import torch
 
-from adclr import engine
+from adclr import train_step
 from adclr.config import TrainConfig, make_config
 from adclr.kernels.dino_loss import AUTO_BACKEND, LOSS_BACKENDS
+from adclr.schedules import StepSettings
 from bench.report import Report
 
 VARIANTS = ("dino", "dino_fused", "triton", "triton_fused", "sdpa", "reference")
 # Fixed scheduled values: the step's cost does not depend on them.
-SETTINGS = engine.StepSettings(lr=1e-4, weight_decay=0.04, teacher_temp=0.04, momentum=0.996, freeze_last_layer=False)
+SETTINGS = StepSettings(lr=1e-4, weight_decay=0.04, teacher_temp=0.04, momentum=0.996, freeze_last_layer=False)
 
 
 def variant_config(tiny: bool, num_query: int, backend: str, fused_loss: bool, device: torch.device) -> TrainConfig:
@@ -39,14 +40,14 @@ def variant_config(tiny: bool, num_query: int, backend: str, fused_loss: bool, d
         return make_config(
             "builtin", **common, batch_size_per_gpu=4, local_crops_number=2, out_dim=64, precision="fp32"
         )
-    return make_config("paper", **common, precision=engine.default_precision(device))
+    return make_config("paper", **common, precision=train_step.default_precision(device))
 
 
 def time_variant(variant: str, tiny: bool, steps: int, device: torch.device, loss_backend: str = "auto") -> dict:
     backend, _, fused = variant.partition("_")
     num_query = 0 if backend == "dino" else (4 if tiny else 10)
     config = variant_config(tiny, num_query, "auto" if backend == "dino" else backend, bool(fused), device)
-    state = engine.build_train_state(config, device)
+    state = train_step.build_train_state(config, device)
     if fused:
         state.loss.backend = loss_backend
     B, p = config.optim.batch_size_per_gpu, config.patch_size
@@ -59,7 +60,7 @@ def time_variant(variant: str, tiny: bool, steps: int, device: torch.device, los
     query_crops = torch.randn(B, num_query, 3, p, p, device=device) if num_query else None
 
     def step():
-        engine.training_step(state, crops, query_crops, SETTINGS)
+        train_step.training_step(state, crops, query_crops, SETTINGS)
 
     warmup = 2 if tiny else 5
     for _ in range(warmup):

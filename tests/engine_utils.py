@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from adclr import engine
 from adclr.config import TrainConfig, make_config
+from adclr.schedules import StepSettings
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def batch(config: TrainConfig, batch_size: int = 4):
     return crops, torch.randn(batch_size, config.data.num_query, 3, p, p)
 
 
-SETTINGS = engine.StepSettings(lr=1e-3, weight_decay=0.04, teacher_temp=0.04, momentum=0.99, freeze_last_layer=False)
+SETTINGS = StepSettings(lr=1e-3, weight_decay=0.04, teacher_temp=0.04, momentum=0.99, freeze_last_layer=False)
 
 
 def snapshot(state):

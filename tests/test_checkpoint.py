@@ -11,7 +11,7 @@ import pytest
 import torch
 from engine_utils import CPU, SETTINGS, assert_same, batch, snapshot, tiny_config
 
-from adclr import checkpoint, engine
+from adclr import checkpoint, train_step
 from adclr.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
@@ -31,9 +31,9 @@ HISTORY = [{"epoch": 1, "loss": 5.25, "lr": np.float64(0.001), "knn_top1_teacher
 def trained():
     """A config and a state after two steps (AdamW moments, moved centres, EMA teacher)."""
     config = tiny_config(seed=3)
-    state = engine.build_train_state(config, CPU)
+    state = train_step.build_train_state(config, CPU)
     for _ in range(2):
-        engine.training_step(state, *batch(config), SETTINGS)
+        train_step.training_step(state, *batch(config), SETTINGS)
     return config, state
 
 
@@ -68,14 +68,14 @@ def test_round_trip_reads_with_weights_only_and_restores_everything(tmp_path, tr
     saved = load_checkpoint(path)
     assert saved.config == config and saved.epoch == 2
     assert saved.history[0]["lr"] == 0.001 and np.isnan(saved.history[0]["knn_top1_teacher"])
-    fresh = engine.build_train_state(tiny_config(seed=4), CPU)
+    fresh = train_step.build_train_state(tiny_config(seed=4), CPU)
     restore(saved, fresh)
     expected, actual = snapshot(state), snapshot(fresh)
     expected.pop("grads"), actual.pop("grads")
     assert_same(expected, actual)
     # and the restored state trains on exactly as the original does
     crops, query_crops = batch(config)
-    assert engine.training_step(fresh, crops, query_crops, SETTINGS) == engine.training_step(
+    assert train_step.training_step(fresh, crops, query_crops, SETTINGS) == train_step.training_step(
         state, crops, query_crops, SETTINGS
     )
 
@@ -109,7 +109,7 @@ def test_unversioned_checkpoint_is_converted(tmp_path, trained):
     saved = load_checkpoint(path)
     assert saved.config == config and saved.epoch == 2 and saved.history[1] == {"epoch": 2, "loss": 4.0}
     assert all(type(g["lr"]) is float for g in saved.states["optimizer"]["param_groups"])
-    fresh = engine.build_train_state(config, CPU)
+    fresh = train_step.build_train_state(config, CPU)
     restore(saved, fresh)
     assert_same(fresh.teacher.state_dict(), state.teacher.state_dict())
     backbone, run = load_backbone(path, "student")
@@ -245,7 +245,7 @@ def test_restore_into_another_architecture_says_so(tmp_path, trained):
     config, state = trained
     path = str(tmp_path / "ckpt.pth")
     save_checkpoint(path, state, config, 1, [])
-    other = engine.build_train_state(tiny_config(out_dim=48), CPU)
+    other = train_step.build_train_state(tiny_config(out_dim=48), CPU)
     with pytest.raises(CheckpointError, match="its student does not fit this run's configuration"):
         restore(load_checkpoint(path), other)
 
@@ -267,7 +267,7 @@ def test_a_run_without_fp16_resumes_with_fp16_on_a_fresh_scale(tmp_path, trained
     """The fp32 run's scaler was disabled (no state): an fp16 resume starts its scaler afresh and loads the rest."""
     config, state = trained
     save_checkpoint(str(tmp_path / "checkpoint.pth"), state, config, 2, [])
-    fp16 = engine.build_train_state(tiny_config(seed=3, precision="fp16"), CPU)
+    fp16 = train_step.build_train_state(tiny_config(seed=3, precision="fp16"), CPU)
     restore(load_checkpoint(str(tmp_path / "checkpoint.pth")), fp16)
     assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0**16
     assert_same(fp16.student.state_dict(), state.student.state_dict())

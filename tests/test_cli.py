@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adclr.checkpoint import CheckpointError
-from adclr.cli import DEBUG_ENV, UserError, user_errors
-from adclr.config import BOUNDS, PAIRS, Bounds, ConfigError, preset_table
-from adclr.data import DataError, ImageFiles
+from adclr.cli import DEBUG_ENV, user_errors
+from adclr.config import BOUNDS, PAIRS, Bounds, preset_table
+from adclr.data import ImageFiles
+from adclr.errors import CheckpointError, ConfigError, DataError, UserError
 from adclr.files import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +178,7 @@ def test_path_mistakes_end_in_one_line_before_torch_and_before_any_folder(tmp_pa
     assert stderr == message.format(tmp=tmp_path) + "\n"
     assert not (tmp_path / "out").exists()
     status, _, stderr, _ = run_train(tmp_path, *flags, "--debug")
-    assert status == 1 and "Traceback" in stderr and "adclr.cli.UserError" in stderr
+    assert status == 1 and "Traceback" in stderr and "adclr.errors.UserError" in stderr
 
 
 def write_images(folder, good: int, broken: int) -> None:
@@ -255,12 +255,12 @@ def test_files_are_written_atomically_with_the_users_umask(tmp_path, umask, mode
 def test_the_export_gets_the_users_umask(tmp_path):
     from engine_utils import CPU, tiny_config
 
-    from adclr import engine
+    from adclr import train_step
     from adclr.checkpoint import save_checkpoint
     from adclr.export import export, load_exported
 
     config = tiny_config()
-    save_checkpoint(str(tmp_path / "checkpoint.pth"), engine.build_train_state(config, CPU), config, 1, [])
+    save_checkpoint(str(tmp_path / "checkpoint.pth"), train_step.build_train_state(config, CPU), config, 1, [])
     old = os.umask(0o022)
     try:
         export(str(tmp_path / "checkpoint.pth"), str(tmp_path / "backbone.safetensors"))
@@ -299,7 +299,8 @@ def test_the_readme_test_command_is_what_ci_runs():
 def test_eval_folders_are_checked_before_training(tmp_path):
     """--eval_data_path: train/ and val/ with the same, non-empty class folders of readable images, or one clear
     UserError."""
-    from adclr.cli import UserError, require_eval_folders
+    from adclr.cli import require_eval_folders
+    from adclr.errors import UserError
 
     for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog"))):
         for name in classes:
@@ -339,8 +340,9 @@ def test_eval_folders_are_checked_before_training(tmp_path):
 )
 def test_device_checks(backend, precision, device, capability, outcome):
     """What a device cannot run is refused at start-up; what runs but is probably not meant gets a note."""
-    from adclr.cli import UserError, check_device
+    from adclr.cli import check_device
     from adclr.config import make_config
+    from adclr.errors import UserError
 
     cfg = make_config(attn_backend=backend, precision=precision)
     if outcome.startswith("note: "):
@@ -356,9 +358,9 @@ def test_device_checks(backend, precision, device, capability, outcome):
 
 def test_default_precision_follows_the_gpu(monkeypatch):
     """bf16 where the GPU has bf16 matrix units (sm80+), fp16 on older GPUs (V100), fp32 on CPU."""
-    from adclr import engine
+    from adclr import train_step
 
-    assert engine.default_precision(torch.device("cpu")) == "fp32"
+    assert train_step.default_precision(torch.device("cpu")) == "fp32"
     for capability, expected in (((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert engine.default_precision(torch.device("cuda", 0)) == expected
+        assert train_step.default_precision(torch.device("cuda", 0)) == expected

@@ -7,11 +7,10 @@ import pytest
 import torch
 from engine_utils import SETTINGS, batch, tiny_config
 
-from adclr import engine
-from adclr.engine import collapse_warnings
+from adclr import train_step
 from adclr.fused_loss import FusedADCLRLoss
 from adclr.heads import HeadFeatures
-from adclr.loss import ADCLRLoss, teacher_entropy
+from adclr.loss import ADCLRLoss, collapse_warnings, teacher_entropy
 
 K = 16
 
@@ -76,9 +75,9 @@ def test_fused_and_unfused_losses_report_the_teachers_entropies(chunk_rows):
 @pytest.mark.parametrize("num_query", [0, 3])
 def test_every_step_carries_the_entropies(num_query):
     config = tiny_config(num_query=num_query)
-    state = engine.build_train_state(config, torch.device("cpu"))
+    state = train_step.build_train_state(config, torch.device("cpu"))
     crops, query_crops = batch(config)
-    losses = engine.training_step(state, crops, query_crops if num_query else None, SETTINGS)
+    losses = train_step.training_step(state, crops, query_crops if num_query else None, SETTINGS)
     ln_k = math.log(config.model.out_dim)
     assert 0 < losses.cls_entropy <= ln_k + 1e-5 and 0 < losses.cls_batch_entropy <= ln_k + 1e-5
     if num_query:

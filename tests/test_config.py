@@ -141,7 +141,7 @@ def test_values_the_run_does_not_use_are_not_checked_against_it():
 
 
 def test_every_numeric_field_has_bounds_and_every_name_field_its_choices():
-    from adclr import engine, kernels, model
+    from adclr import kernels, model, train_step
 
     for group in GROUPS.values():
         for f in dataclasses.fields(group):
@@ -152,7 +152,7 @@ def test_every_numeric_field_has_bounds_and_every_name_field_its_choices():
     assert set(PAIRS) == {f for f in BOUNDS if f.endswith("scale")}
     # one source of truth for the names: the library accepts exactly what the config does
     assert CHOICES["attn_backend"] is kernels.BACKENDS and CHOICES["query_keys"] is kernels.QUERY_KEY_RULES
-    assert CHOICES["arch"] == tuple(model.ARCHS) and CHOICES["precision"] == tuple(engine.AUTOCAST_DTYPES)
+    assert CHOICES["arch"] == tuple(model.ARCHS) and CHOICES["precision"] == tuple(train_step.AUTOCAST_DTYPES)
 
 
 def test_every_bound_holds_at_its_ends():

@@ -12,19 +12,20 @@ import torch
 import torch.multiprocessing as mp
 from engine_utils import CPU, SETTINGS, assert_same, batch, reference_loss, reference_outputs, snapshot, tiny_config
 
-from adclr import engine
+from adclr import train_step
+from adclr.schedules import build_schedules
 
 
 def test_teacher_starts_as_the_student_and_the_init_depends_only_on_the_seed():
     config = tiny_config()
     torch.manual_seed(123)
-    a = engine.build_train_state(config, CPU)
+    a = train_step.build_train_state(config, CPU)
     torch.manual_seed(456)  # the global random state does not matter
-    b = engine.build_train_state(config, CPU)
+    b = train_step.build_train_state(config, CPU)
     assert_same(a.student.state_dict(), a.teacher.state_dict())  # the teacher has no drop-path, same weights
     assert_same(a.student.state_dict(), b.student.state_dict())
     assert not any(p.requires_grad for p in a.teacher.parameters())
-    other = engine.build_train_state(tiny_config(seed=1), CPU)
+    other = train_step.build_train_state(tiny_config(seed=1), CPU)
     assert not torch.equal(other.student.backbone.cls_token, a.student.backbone.cls_token)
 
 
@@ -32,17 +33,17 @@ def test_building_leaves_the_global_random_state_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    engine.build_train_state(tiny_config(), CPU)
-    engine.random_init_backbone(tiny_config())
+    train_step.build_train_state(tiny_config(), CPU)
+    train_step.random_init_backbone(tiny_config())
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_random_init_baseline_is_the_initial_student_backbone():
     config = tiny_config(drop_path_rate=0.1)
-    state = engine.build_train_state(config, CPU)
+    state = train_step.build_train_state(config, CPU)
     initial = copy.deepcopy(state.student.backbone.state_dict())
-    engine.training_step(state, *batch(config), SETTINGS)  # training moves the student, not the baseline
-    baseline = engine.random_init_backbone(config)
+    train_step.training_step(state, *batch(config), SETTINGS)  # training moves the student, not the baseline
+    baseline = train_step.random_init_backbone(config)
     assert_same(baseline.state_dict(), initial)
     assert not baseline.training
     assert not torch.equal(state.student.backbone.cls_token, baseline.cls_token)
@@ -50,9 +51,9 @@ def test_random_init_baseline_is_the_initial_student_backbone():
 
 def test_step_returns_floats_and_updates_student_teacher_optimizer_and_centres():
     config = tiny_config()
-    state = engine.build_train_state(config, CPU)
+    state = train_step.build_train_state(config, CPU)
     before = snapshot(state)
-    losses = engine.training_step(state, *batch(config), SETTINGS)
+    losses = train_step.training_step(state, *batch(config), SETTINGS)
     assert all(isinstance(v, float) and math.isfinite(v) for v in (losses.loss, losses.cls, losses.query))
     assert losses.loss == pytest.approx(losses.cls + config.loss.lambda_query * losses.query, rel=1e-6)
     after = snapshot(state)
@@ -69,39 +70,39 @@ def test_step_returns_floats_and_updates_student_teacher_optimizer_and_centres()
 def test_frozen_last_layer_does_not_move(separate_query_head):
     """While frozen, every head's last layer stays put (and gets no weight decay); the rest trains."""
     config = tiny_config(separate_query_head=separate_query_head, norm_last_layer=False)
-    state = engine.build_train_state(config, CPU)
+    state = train_step.build_train_state(config, CPU)
     params = dict(state.student.named_parameters())
     last = {n: p.detach().clone() for n, p in params.items() if "last_layer" in n}
     assert len(last) == (4 if separate_query_head else 2)  # weight-norm direction and magnitude per head
     others = {n: p.detach().clone() for n, p in params.items() if n not in last}
     frozen = dataclasses.replace(SETTINGS, freeze_last_layer=True)
-    engine.training_step(state, *batch(config), frozen)
+    train_step.training_step(state, *batch(config), frozen)
     assert all(torch.equal(params[n], value) for n, value in last.items())
     assert all(not torch.equal(params[n], value) for n, value in others.items())
-    engine.training_step(state, *batch(config), SETTINGS)
+    train_step.training_step(state, *batch(config), SETTINGS)
     assert all(not torch.equal(params[n], value) for n, value in last.items())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_non_finite_loss_raises_before_any_update(precision):
     config = tiny_config(precision=precision)
-    state = engine.build_train_state(config, CPU)
-    engine.training_step(state, *batch(config), SETTINGS)  # AdamW moments, moved centres and EMA exist
+    state = train_step.build_train_state(config, CPU)
+    train_step.training_step(state, *batch(config), SETTINGS)  # AdamW moments, moved centres and EMA exist
     before = snapshot(state)
     crops, query_crops = batch(config)
     crops[0][1, :, 3, 5] = float("nan")  # one bad pixel in one image
     other_settings = dataclasses.replace(SETTINGS, lr=0.5, weight_decay=0.5, momentum=0.5)
-    with pytest.raises(engine.NonFiniteLossError, match="Loss is nan") as caught:
-        engine.training_step(state, crops, query_crops, other_settings)
+    with pytest.raises(train_step.NonFiniteLossError, match="Loss is nan") as caught:
+        train_step.training_step(state, crops, query_crops, other_settings)
     assert math.isnan(caught.value.losses.loss)
     assert_same(before, snapshot(state))
-    losses = engine.training_step(state, *batch(config), SETTINGS)  # and training goes on from there
+    losses = train_step.training_step(state, *batch(config), SETTINGS)  # and training goes on from there
     assert math.isfinite(losses.loss)
 
 
 def test_schedules_follow_the_config():
     config = tiny_config(epochs=4, warmup_epochs=1, lr=0.004, min_lr=1e-4, weight_decay_end=0.4, freeze_last_layer=2)
-    schedules = engine.build_schedules(config, iters_per_epoch=5, world_size=2)
+    schedules = build_schedules(config, iters_per_epoch=5, world_size=2)
     peak = 0.004 * config.optim.batch_size_per_gpu * 2 / 256
     assert len(schedules.lr) == 20
     assert schedules.at(0).lr == 0.0 and schedules.at(5).lr == pytest.approx(peak)
@@ -137,11 +138,11 @@ def _ddp_worker(rank, world_size, port, result_dir):
     try:
         # Two steps on this process's half of each union batch.
         config = tiny_config()
-        state = engine.build_train_state(config, CPU)
+        state = train_step.build_train_state(config, CPU)
         assert isinstance(state.student_ddp, torch.nn.parallel.DistributedDataParallel)
         half = slice(rank * UNION_BATCH // 2, (rank + 1) * UNION_BATCH // 2)
         losses = [
-            dataclasses.astuple(engine.training_step(state, [c[half] for c in crops], query_crops[half], SETTINGS))
+            dataclasses.astuple(train_step.training_step(state, [c[half] for c in crops], query_crops[half], SETTINGS))
             for crops, query_crops in _union_batches(config)
         ]
         results["union"] = {"state": snapshot(state), "losses": losses}
@@ -151,19 +152,19 @@ def _ddp_worker(rank, world_size, port, result_dir):
         if rank == 1:
             crops[0][0, 0, 0, 0] = float("nan")
         try:
-            engine.training_step(state, crops, query_crops, SETTINGS)
+            train_step.training_step(state, crops, query_crops, SETTINGS)
             results["stopped"] = ""
-        except engine.NonFiniteLossError as error:
+        except train_step.NonFiniteLossError as error:
             results["stopped"] = str(error)
 
         # A separate query head that the loss does not use must not break DDP's gradient reduction.
         for name, overrides in UNUSED_QUERY_HEAD.items():
             config = tiny_config(separate_query_head=True, **overrides)
-            state = engine.build_train_state(config, CPU)
+            state = train_step.build_train_state(config, CPU)
             try:
                 for _ in range(2):
                     crops, query_crops = batch(config)
-                    engine.training_step(state, crops, query_crops if config.data.num_query else None, SETTINGS)
+                    train_step.training_step(state, crops, query_crops if config.data.num_query else None, SETTINGS)
                 results[name] = {"error": "", "teacher": state.teacher.state_dict()}
             except RuntimeError as error:
                 results[name] = {"error": str(error)}
@@ -188,7 +189,7 @@ def _float64_union_run(config):
     networks (``reference_outputs``), the loop loss (``reference_loss``), the centres' EMA of the teacher's
     batch mean, per-parameter clipping, AdamW with DINO's groups, the teacher's EMA. Returns a snapshot and
     the losses of each step: the exact answer both float32 runs are measured against."""
-    state = engine.build_train_state(config, CPU, distributed=False)  # only for its initial weights
+    state = train_step.build_train_state(config, CPU, distributed=False)  # only for its initial weights
     student, teacher = state.student.double(), state.teacher.double()
     center = torch.zeros(1, config.model.out_dim, dtype=torch.float64)
     query_center = torch.zeros_like(center)
@@ -251,8 +252,8 @@ def test_two_processes_train_as_one_process_on_the_union_batch(ddp_runs):
     the machine, its load or its thread count; a wrong averaging or centre is orders of magnitude above it.
     """
     config = tiny_config()
-    single = engine.build_train_state(config, CPU, distributed=False)
-    losses = [dataclasses.astuple(engine.training_step(single, *b, SETTINGS)) for b in _union_batches(config)]
+    single = train_step.build_train_state(config, CPU, distributed=False)
+    losses = [dataclasses.astuple(train_step.training_step(single, *b, SETTINGS)) for b in _union_batches(config)]
     rank0, rank1 = (run["union"] for run in ddp_runs)
     for key in ("grads", "student", "teacher", "loss"):
         assert_same(rank0["state"][key], rank1["state"][key], key)
@@ -290,7 +291,7 @@ def test_ddp_trains_with_a_separate_query_head_the_loss_does_not_use(ddp_runs, c
 
 def test_query_head_is_built_only_when_the_query_loss_uses_it():
     def has_query_head(**overrides):
-        return engine.build_train_state(tiny_config(**overrides), CPU).student.query_head is not None
+        return train_step.build_train_state(tiny_config(**overrides), CPU).student.query_head is not None
 
     assert has_query_head(separate_query_head=True)
     assert not has_query_head(separate_query_head=True, lambda_query=0.0)

@@ -11,7 +11,7 @@ from engine_utils import SETTINGS, batch, tiny_config
 from eval_utils import PATCH, SIZE, random_vit, write_export
 from PIL import Image
 
-from adclr import engine
+from adclr import train_step
 from adclr.checkpoint import load_backbone, save_checkpoint
 from adclr.data import SEGMENTATION_CLASSES, SHAPES, LabelledImages, SegmentationFolder, SyntheticScenes, write_scenes
 from adclr.evaluate import EvalConfig, FrozenBackbone, evaluate_backbone, load_frozen_backbone
@@ -67,8 +67,8 @@ def checkpoint(tmp_path_factory):
     """A checkpoint as train.py writes it (the engine's state after a step, so teacher and student differ)."""
     path = str(tmp_path_factory.mktemp("run") / "checkpoint.pth")
     config = tiny_config()
-    state = engine.build_train_state(config, torch.device("cpu"))
-    engine.training_step(state, *batch(config), SETTINGS)
+    state = train_step.build_train_state(config, torch.device("cpu"))
+    train_step.training_step(state, *batch(config), SETTINGS)
     save_checkpoint(path, state, config, epoch=1, history=[])
     return path
 

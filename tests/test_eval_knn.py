@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from eval_utils import SIZE, random_vit, write_colour_classes, write_export
 
 from adclr.data import LabelledImages, SyntheticScenes, write_scenes
+from adclr.distributed import DistInfo
 from adclr.eval_knn import knn_evaluate, knn_votes, main, weighted_knn
 from adclr.evaluate import as_frozen, eval_transform, extract_features
-from adclr.training import DistInfo
 
 CPU = torch.device("cpu")
 

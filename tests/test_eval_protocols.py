@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 import adclr.eval_knn
 import adclr.eval_linear
 import adclr.eval_seg
-from adclr import engine
+from adclr import train_step
 from adclr.checkpoint import load_backbone, save_checkpoint
 from adclr.eval_knn import knn_evaluate, weighted_knn
 from adclr.eval_linear import LinearClassifier, validate
@@ -30,6 +30,7 @@ from adclr.eval_seg import score_seg_probe, seg_probe, seg_transform
 from adclr.evaluate import BackboneFeatures, load_frozen_backbone
 from adclr.export import load_exported
 from adclr.export import main as export_main
+from adclr.schedules import StepSettings
 
 CPU = torch.device("cpu")
 
@@ -299,8 +300,8 @@ def checkpoint(tmp_path_factory):
     """A train.py checkpoint whose teacher and student differ clearly."""
     path = str(tmp_path_factory.mktemp("run") / "checkpoint.pth")
     config = tiny_config()
-    state = engine.build_train_state(config, CPU)
-    engine.training_step(state, *batch(config), engine.StepSettings(0.01, 0.04, 0.04, 0.9, False))
+    state = train_step.build_train_state(config, CPU)
+    train_step.training_step(state, *batch(config), StepSettings(0.01, 0.04, 0.04, 0.9, False))
     with torch.no_grad():
         for p in state.teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -81,7 +81,8 @@ def test_a_segmentation_folder_is_not_taken_for_two_classes(tmp_path, capsys):
     """eval_knn (and train.py --eval_data_path) given images/ + masks/ splits: one error line, not 98.5 %."""
     from eval_utils import random_vit, write_colour_segmentation, write_export
 
-    from adclr.cli import UserError, require_eval_folders
+    from adclr.cli import require_eval_folders
+    from adclr.errors import UserError
     from adclr.eval_knn import main
 
     for split, seed in (("train", 0), ("val", 1)):

@@ -3,7 +3,7 @@
 Row operations (Triton under the interpreter, and PyTorch) against float64 on poisoned outputs; the
 chunked op against float64 on features; then the whole head + loss on a tiny ADCLR model for
 Q in {0, 1, 10}, 2/4/6 crops, shared and separate query heads, both last-layer normalisations, fp32
-and bf16 autocast (fp16 at op level); its allocations; 2-process DDP; ``engine.training_step``.
+and bf16 autocast (fp16 at op level); its allocations; 2-process DDP; ``train_step.training_step``.
 """
 
 import copy
@@ -367,7 +367,7 @@ def make_loss(fused, num_crops, centers, **options):
 
 
 def loss_step(student, teacher, loss_fn, crops, query_crops, dtype):
-    """One forward/backward as ``engine.training_step`` runs it: (cls, query, total, centre, query centre), grads."""
+    """One forward/backward as ``training_step`` runs it: (cls, query, total, centre, query centre), grads."""
     student.zero_grad(set_to_none=True)
     with torch.autocast(crops[0].device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
         if isinstance(loss_fn, FusedADCLRLoss):
@@ -569,19 +569,19 @@ def test_two_process_ddp_matches_unfused_with_all_reduced_centres(tmp_path):
 
 
 def test_training_step_fused_matches_unfused():
-    """``engine.training_step`` (autocast, clipping, AdamW, EMA) with either loss: same terms and gradients."""
+    """``train_step.training_step`` (autocast, clipping, AdamW, EMA) with either loss: same terms and gradients."""
     from engine_utils import SETTINGS, batch, tiny_config
 
-    from adclr import engine
+    from adclr import train_step
 
     results = []
     for fused in (False, True):
         config = tiny_config(out_dim=OUT_DIM, num_query=3, local_crops_number=2, fused_loss=fused)
-        state = engine.build_train_state(config, torch.device("cpu"))
+        state = train_step.build_train_state(config, torch.device("cpu"))
         assert isinstance(state.loss, FusedADCLRLoss if fused else ADCLRLoss)
         torch.manual_seed(0)
         crops, query_crops = batch(config)
-        losses = engine.training_step(state, crops, query_crops, SETTINGS)
+        losses = train_step.training_step(state, crops, query_crops, SETTINGS)
         grads = {n: p.grad for n, p in state.student.named_parameters() if p.grad is not None}
         results.append((losses, grads, state.loss.center.clone()))
     (ref, ref_grads, ref_center), (ours, grads, center) = results

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from adclr.lock import LOCK_NAME, OutputDirInUse, hold_output_dir
+from adclr.errors import OutputDirInUse
+from adclr.lock import LOCK_NAME, hold_output_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

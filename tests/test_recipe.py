@@ -13,8 +13,9 @@ import math
 import pytest
 from engine_utils import CPU, tiny_config
 
-from adclr import engine
+from adclr import train_step
 from adclr.config import make_config
+from adclr.schedules import build_schedules
 
 # The paper's ViT-S/16 recipe (Section B and Section 4.3) and DINO's defaults that it keeps.
 PAPER = dict(
@@ -56,7 +57,7 @@ def test_data_path_selects_the_papers_recipe():
 def test_loss_temperature_centre_momentum_and_crop_count():
     """Student temperature 0.1 (paper Section B), centre momentum 0.9 (DINO), every crop counted."""
     config = tiny_config(local_crops_number=3, lambda_query=0.7)
-    loss = engine.build_train_state(config, CPU).loss
+    loss = train_step.build_train_state(config, CPU).loss
     assert (loss.student_temp, loss.center_momentum, loss.num_crops, loss.lambda_query) == (0.1, 0.9, 5, 0.7)
 
 
@@ -78,7 +79,7 @@ EPOCHS, ITERS, WORLD = 40, 3, 4
 @pytest.fixture(scope="module")
 def schedules():
     config = make_config("paper", epochs=EPOCHS, batch_size_per_gpu=32, freeze_last_layer=2)
-    return engine.build_schedules(config, iters_per_epoch=ITERS, world_size=WORLD)
+    return build_schedules(config, iters_per_epoch=ITERS, world_size=WORLD)
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine(schedules):
@@ -121,7 +122,9 @@ def test_last_layer_is_frozen_for_the_first_epochs_only(schedules):
 def test_weight_decay_groups_exclude_biases_and_norms(separate_query_head):
     """DINO's groups: biases and LayerNorm parameters get no weight decay; weight matrices, the CLS token,
     the position embedding and a trainable weight-norm magnitude do; frozen parameters are in no group."""
-    state = engine.build_train_state(tiny_config(separate_query_head=separate_query_head, norm_last_layer=False), CPU)
+    state = train_step.build_train_state(
+        tiny_config(separate_query_head=separate_query_head, norm_last_layer=False), CPU
+    )
     decay, no_decay = state.optimizer.param_groups
     assert no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in state.student.named_parameters()}

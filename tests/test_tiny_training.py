@@ -1,4 +1,4 @@
-"""A tiny end-to-end run through the trainer's own ``engine.training_step``: the query branch learns.
+"""A tiny end-to-end run through the trainer's own ``train_step.training_step``: the query branch learns.
 
 Twelve steps on one fixed batch, twice from the same initialisation: ADCLR (Q = 4 query crops,
 lambda = 0.5, a separate query head) and plain DINO (no query crops). In the ADCLR run the query loss
@@ -14,9 +14,10 @@ import math
 import torch
 from engine_utils import CPU, batch, tiny_config
 
-from adclr import engine
+from adclr import train_step
+from adclr.schedules import StepSettings
 
-SETTINGS = engine.StepSettings(lr=1e-3, weight_decay=0.01, teacher_temp=0.04, momentum=0.9, freeze_last_layer=False)
+SETTINGS = StepSettings(lr=1e-3, weight_decay=0.01, teacher_temp=0.04, momentum=0.9, freeze_last_layer=False)
 STEPS = 12
 
 
@@ -25,14 +26,14 @@ def _train(num_query: int, held_out: torch.Tensor):
     config = tiny_config(
         out_dim=64, head_hidden_dim=64, head_bottleneck_dim=16, num_query=num_query, separate_query_head=True
     )
-    state = engine.build_train_state(config, CPU)
+    state = train_step.build_train_state(config, CPU)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         crops, query_crops = batch(config)
     with torch.no_grad():
         before = state.student.backbone(held_out).patches
     query_crops = query_crops if num_query else None
-    losses = [engine.training_step(state, crops, query_crops, SETTINGS) for _ in range(STEPS)]
+    losses = [train_step.training_step(state, crops, query_crops, SETTINGS) for _ in range(STEPS)]
     with torch.no_grad():
         after = state.student.backbone(held_out).patches
     return losses, before, after

@@ -65,8 +65,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 # train.py killed the moment its final evaluation starts (the random-init baseline is built first).
 KILLED_IN_EVALUATION = """
 import os, runpy, sys
-from adclr import engine
-engine.random_init_backbone = lambda *args, **kwargs: os._exit(3)
+from adclr import train_step
+train_step.random_init_backbone = lambda *args, **kwargs: os._exit(3)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -75,8 +75,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 SKIPPING_SCALER = """
 import runpy, sys
 import torch
-from adclr import engine
-real_build = engine.build_train_state
+from adclr import train_step
+real_build = train_step.build_train_state
 def build(*args, **kwargs):
     state = real_build(*args, **kwargs)
     state.scaler = torch.amp.GradScaler("cpu")
@@ -84,7 +84,7 @@ def build(*args, **kwargs):
         if param.requires_grad:
             param.register_hook(lambda grad: grad * float("inf"))
     return state
-engine.build_train_state = build
+train_step.build_train_state = build
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -1,4 +1,4 @@
-"""One ``engine.training_step`` against an independent float64 pipeline, term by term.
+"""One ``train_step.training_step`` against an independent float64 pipeline, term by term.
 
 The step runs on distinct global and local views, Q = 4 query crops, batch 3, a teacher that differs
 from the student, non-zero loss centres and a teacher temperature of 0.07. The expected values come
@@ -14,15 +14,16 @@ import pytest
 import torch
 from engine_utils import CPU, batch, reference_loss, reference_outputs, tiny_config
 
-from adclr import engine
+from adclr import train_step
+from adclr.schedules import StepSettings
 
-SETTINGS = engine.StepSettings(lr=0.01, weight_decay=0.3, teacher_temp=0.07, momentum=0.9, freeze_last_layer=False)
+SETTINGS = StepSettings(lr=0.01, weight_decay=0.3, teacher_temp=0.07, momentum=0.9, freeze_last_layer=False)
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the engine keeps
 
 
 def _perturbed_state(config):
     """A state whose student, teacher and centres are all different and non-trivial (biases, norms, centres)."""
-    state = engine.build_train_state(config, CPU)
+    state = train_step.build_train_state(config, CPU)
     with torch.no_grad():
         for student, teacher in zip(state.student.parameters(), state.teacher.parameters()):
             student.add_(0.05 * torch.randn_like(student))
@@ -75,7 +76,7 @@ def step(request):
     )
     expected[0].backward()
 
-    losses = engine.training_step(state, crops, query_crops, SETTINGS)
+    losses = train_step.training_step(state, crops, query_crops, SETTINGS)
     return dict(
         config=config,
         state=state,
@@ -144,12 +145,12 @@ def test_gradients_are_clipped_per_parameter():
     """DINO's clipping: each parameter's gradient norm is limited on its own (not the global norm)."""
     torch.manual_seed(5)
     crops, query_crops = batch(tiny_config(), batch_size=3)
-    unclipped = engine.build_train_state(tiny_config(clip_grad=0.0), CPU)
-    engine.training_step(unclipped, crops, query_crops, SETTINGS)
+    unclipped = train_step.build_train_state(tiny_config(clip_grad=0.0), CPU)
+    train_step.training_step(unclipped, crops, query_crops, SETTINGS)
     raw = {n: p.grad for n, p in unclipped.student.named_parameters() if p.grad is not None}
     max_norm = torch.stack([g.norm() for g in raw.values()]).median().item()
-    clipped = engine.build_train_state(tiny_config(clip_grad=max_norm), CPU)
-    engine.training_step(clipped, crops, query_crops, SETTINGS)
+    clipped = train_step.build_train_state(tiny_config(clip_grad=max_norm), CPU)
+    train_step.training_step(clipped, crops, query_crops, SETTINGS)
     limited = 0
     for name, param in clipped.student.named_parameters():
         if name not in raw:

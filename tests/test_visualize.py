@@ -10,7 +10,7 @@ import torch
 from engine_utils import tiny_config
 from PIL import Image
 
-from adclr import engine
+from adclr import train_step
 from adclr.augment import MultiCropAugmentation, MultiCropConfig
 from adclr.visualize import BOX_COLOUR, MIN_TILE, attention_pictures, attention_tiles
 
@@ -19,7 +19,7 @@ SIZE, PATCH, Q = 32, 8, 4
 
 @pytest.fixture(scope="module")
 def backbone():
-    return engine.random_init_backbone(tiny_config())
+    return train_step.random_init_backbone(tiny_config())
 
 
 def picture(seed: int = 0) -> Image.Image:
@@ -83,7 +83,7 @@ def test_each_query_token_shows_its_own_attention(backbone):
 @pytest.mark.parametrize("size, shown", [(32, 224), (48, 240), (224, 224), (256, 256)])
 def test_every_tile_is_at_least_224_px(size, shown):
     config = tiny_config(global_size=size, local_crops_number=0)
-    tiles = attention_tiles(engine.random_init_backbone(config), picture().resize((size, size)), size, PATCH, 1)
+    tiles = attention_tiles(train_step.random_init_backbone(config), picture().resize((size, size)), size, PATCH, 1)
     assert tiles.image.shape[-1] == shown and tiles.queries[0].shape[-1] == shown
 
 

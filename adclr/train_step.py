@@ -1,10 +1,10 @@
-"""The training engine: networks, loss and optimizer built from a ``TrainConfig``, and one training step.
+"""The state a run trains (networks, loss, optimizer built from a ``TrainConfig``) and one training step.
 
 ``train.py`` (the command line and the loop), the benchmarks and the tests all use these, so the
 iteration they time or check is the one a run executes:
 
     state = build_train_state(config, device)              # student, teacher (EMA), loss, AdamW, scaler
-    schedules = build_schedules(config, iters_per_epoch)    # per-iteration lr, weight decay, temperature, momentum
+    schedules = build_schedules(config, iters_per_epoch)    # adclr.schedules: lr, weight decay, temperature, momentum
     losses = training_step(state, crops, query_crops, schedules.at(step))   # plain floats
 
 A non-finite loss raises ``NonFiniteLossError`` before anything changes: no parameter, optimizer,
@@ -13,12 +13,9 @@ scaler, EMA or loss-centre update. Checkpoints of a ``TrainState`` are in ``adcl
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -28,15 +25,8 @@ from .fused_loss import FusedADCLRLoss
 from .heads import DINOHead
 from .loss import ADCLRLoss
 from .model import ADCLRVisionTransformer, MultiCropWrapper, build_vit
-from .training import (
-    cancel_last_layer_gradients,
-    clip_gradients_per_parameter,
-    cosine_schedule,
-    ema_update,
-    param_groups,
-    seed_everything,
-    teacher_temp_schedule,
-)
+from .runtime import seeded
+from .schedules import StepSettings
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,55 +56,6 @@ class StepLosses:
     cls_batch_entropy: float = math.nan
     query_entropy: float = math.nan
     query_batch_entropy: float = math.nan
-
-
-@dataclass
-class StepSettings:
-    """The scheduled values of one iteration (``Schedules.at``)."""
-
-    lr: float
-    weight_decay: float
-    teacher_temp: float
-    momentum: float  # of the teacher's EMA
-    freeze_last_layer: bool
-
-
-@dataclass
-class Schedules:
-    """Per-iteration schedules of a whole run (numpy arrays of ``epochs * iters_per_epoch`` values)."""
-
-    lr: np.ndarray
-    weight_decay: np.ndarray
-    teacher_temp: np.ndarray
-    momentum: np.ndarray
-    iters_per_epoch: int
-    freeze_last_layer_epochs: int
-
-    def at(self, step: int) -> StepSettings:
-        return StepSettings(
-            lr=float(self.lr[step]),
-            weight_decay=float(self.weight_decay[step]),
-            teacher_temp=float(self.teacher_temp[step]),
-            momentum=float(self.momentum[step]),
-            freeze_last_layer=step // self.iters_per_epoch < self.freeze_last_layer_epochs,
-        )
-
-
-def build_schedules(config: TrainConfig, iters_per_epoch: int, world_size: int = 1) -> Schedules:
-    """DINO's schedules: lr warm-up then cosine (scaled by total batch / 256), cosine weight decay and
-    teacher momentum (to 1), teacher temperature warm-up."""
-    optim, loss, epochs = config.optim, config.loss, config.optim.epochs
-    total_batch = optim.batch_size_per_gpu * world_size
-    return Schedules(
-        lr=cosine_schedule(optim.lr * total_batch / 256, optim.min_lr, epochs, iters_per_epoch, optim.warmup_epochs),
-        weight_decay=cosine_schedule(optim.weight_decay, optim.weight_decay_end, epochs, iters_per_epoch),
-        teacher_temp=teacher_temp_schedule(
-            loss.warmup_teacher_temp, loss.teacher_temp, loss.warmup_teacher_temp_epochs, epochs, iters_per_epoch
-        ),
-        momentum=cosine_schedule(loss.momentum_teacher, 1.0, epochs, iters_per_epoch),
-        iters_per_epoch=iters_per_epoch,
-        freeze_last_layer_epochs=optim.freeze_last_layer,
-    )
 
 
 @dataclass
@@ -179,19 +120,6 @@ def build_network(config: TrainConfig, drop_path_rate: float) -> MultiCropWrappe
         )
 
     return MultiCropWrapper(backbone, head(), head() if model.separate_query_head and query_loss_used else None)
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run the block under ``seed_everything(seed)``, then restore the Python, numpy and torch CPU RNGs."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        seed_everything(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 def build_train_state(config: TrainConfig, device: torch.device, distributed: bool | None = None) -> TrainState:
@@ -289,6 +217,38 @@ def training_step(
     return losses
 
 
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only: biases and norm parameters (1-D) get none."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "fixed_weight_decay": True}]
+
+
+def clip_gradients_per_parameter(model: torch.nn.Module, max_norm: float) -> None:
+    """DINO's clipping: each parameter's gradient norm is clipped to ``max_norm`` on its own."""
+    for param in model.parameters():
+        if param.grad is not None:
+            torch.nn.utils.clip_grad_norm_(param, max_norm)
+
+
+def cancel_last_layer_gradients(model: torch.nn.Module) -> None:
+    """Freeze the heads' last layer (DINO keeps it fixed during the first epoch for stability)."""
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters at once."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+
+
 def _finite_everywhere(finite_here: bool, device: torch.device) -> bool:
     """Whether every process saw a finite loss: all stop together rather than hang in DDP's all-reduce."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -296,31 +256,3 @@ def _finite_everywhere(finite_here: bool, device: torch.device) -> bool:
     flag = torch.tensor([1.0 if finite_here else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def collapse_warnings(record: dict, out_dim: int) -> list[str]:
-    """What an epoch's mean teacher entropies (``StepLosses`` fields in ``record``) say of collapse.
-
-    Uniform collapse: the teacher's per-image outputs flatten (mean entropy above 0.75 ln K) and the CLS
-    loss drifts up towards ln K. One-hot collapse: every image's output piles onto a few dimensions (the
-    batch-mean output's entropy below 0.25 ln K: fewer than K^(1/4) dimensions used by a whole batch).
-    Healthy runs of the built-in preset stay below 0.6 ln K and above 0.35 ln K respectively
-    (bench/results/2026-12-05_cpu_collapse).
-    """
-    warnings, ln_k = [], math.log(out_dim)
-    for branch in ("cls", "query"):
-        mean, of_mean = record.get(f"{branch}_entropy"), record.get(f"{branch}_batch_entropy")
-        if mean is None or of_mean is None or out_dim < 2:
-            continue
-        if mean > 0.75 * ln_k:
-            warnings.append(
-                f"the teacher's {branch} outputs are collapsing to uniform (mean entropy {mean:.2f} of ln K = "
-                f"{ln_k:.2f}); try a lower --teacher_temp or --lr, a higher --momentum_teacher, or fewer/larger "
-                "local crops (--local_crops_number, --local_crops_scale)"
-            )
-        elif of_mean < 0.25 * ln_k:
-            warnings.append(
-                f"the teacher's {branch} outputs are collapsing to one dimension (entropy of the batch-mean output "
-                f"{of_mean:.2f} of ln K = {ln_k:.2f}); try a higher --teacher_temp or a lower --lr"
-            )
-    return warnings
