@@ -9,16 +9,14 @@ A checkpoint is a dict of tensors and plain containers, saved with ``torch.save`
      "student": state_dict, "teacher": state_dict, "optimizer": state_dict, "scaler": state_dict,
      "loss": state_dict}                       # the loss centres
 
-Files this repository wrote before the format had a version (a flat ``args`` dict of the command
-line and a ``random_init`` backbone) are converted when read; anything else is refused with a
-``CheckpointError`` that names the file and says why (a ``CorruptCheckpointError`` when the file is
-torn or not written by ``torch.save`` at all). ``find_resumable`` picks the checkpoint a run resumes
-from, falling back from a corrupt ``checkpoint.pth`` to the newest readable ``checkpointNNNN.pth``.
+Anything else is refused with a ``CheckpointError`` that names the file and says why (a
+``CorruptCheckpointError`` when the file is torn or not written by ``torch.save`` at all).
+``find_resumable`` picks the checkpoint a run resumes from, falling back from a corrupt
+``checkpoint.pth`` to the newest readable ``checkpointNNNN.pth``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import pickle
@@ -29,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PRESETS, TrainConfig, default_preset, make_config
+from .config import TrainConfig
 from .errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 from .files import atomic_write
 from .model import ADCLRVisionTransformer
@@ -39,12 +37,6 @@ FORMAT = "adclr-checkpoint"
 VERSION = 1
 BRANCHES = ("teacher", "student")
 STATE_KEYS = ("student", "teacher", "optimizer", "scaler", "loss")
-
-# Unversioned checkpoints hold the optimizer's learning rate and weight decay as numpy float64
-# scalars; these constructors rebuild such scalars and nothing else.
-_numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-_LEGACY_SAFE_GLOBALS = [_numpy_core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
-
 
 LATEST = "checkpoint.pth"  # rewritten every epoch; checkpointNNNN.pth are kept every saveckp_freq epochs
 NUMBERED = re.compile(r"checkpoint(\d{4,})\.pth")
@@ -96,29 +88,22 @@ def save_atomic(payload: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str) -> Checkpoint:
-    """Read ``path`` (any format version this code knows, or an unversioned one); raises ``CheckpointError``."""
+    """Read ``path`` (any format version this code knows); raises ``CheckpointError``."""
     raw = _read(path)
-    if "format" in raw:
-        if raw["format"] != FORMAT:
-            raise CheckpointError(f"{path} is a {raw['format']!r} file, not an {FORMAT!r}")
-        version = raw.get("version")
-        if not isinstance(version, int) or not 1 <= version <= VERSION:
-            raise CheckpointError(
-                f"{path} has format version {version!r}; this code reads versions 1 to {VERSION} "
-                "(a newer adclr wrote it?)"
-            )
-        _require(raw, path, ("config", "epoch", "history", *STATE_KEYS))
-        try:
-            config = TrainConfig.from_dict(raw["config"])
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{path} holds an unusable config: {error}") from None
-    elif "args" in raw:
-        _require(raw, path, ("args", "epoch", "history", *STATE_KEYS))
-        config = _config_from_legacy_args(raw["args"], path)
-        for group in raw["optimizer"].get("param_groups", []):  # numpy scalars -> floats
-            group.update({key: float(v) for key, v in group.items() if isinstance(v, np.floating)})
-    else:
+    if "format" not in raw:
         raise CheckpointError(f"{path} is not a train.py checkpoint (its keys are {list(raw)[:10]})")
+    if raw["format"] != FORMAT:
+        raise CheckpointError(f"{path} is a {raw['format']!r} file, not an {FORMAT!r}")
+    version = raw.get("version")
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise CheckpointError(
+            f"{path} has format version {version!r}; this code reads versions 1 to {VERSION} (a newer adclr wrote it?)"
+        )
+    _require(raw, path, ("config", "epoch", "history", *STATE_KEYS))
+    try:
+        config = TrainConfig.from_dict(raw["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} holds an unusable config: {error}") from None
     return Checkpoint(path, config, raw["epoch"], raw["history"], {key: raw[key] for key in STATE_KEYS})
 
 
@@ -219,10 +204,7 @@ def _read(path: str) -> dict:
     if os.path.getsize(path) == 0:
         raise CorruptCheckpointError(f"{path} is empty (truncated, or its write never happened)")
     try:
-        # torch 2.4 has no scoped allowlist: there, unversioned files are refused as holding other objects.
-        allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
-        with allow(_LEGACY_SAFE_GLOBALS):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a torn or foreign file fails anywhere inside torch.load
         found = re.search(r"GLOBAL (\S+)", str(error))
         if isinstance(error, pickle.UnpicklingError) and found:
@@ -245,22 +227,6 @@ def _require(raw: dict, path: str, keys: tuple[str, ...]) -> None:
     missing = [key for key in keys if key not in raw]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}: it is incomplete or not a train.py checkpoint")
-
-
-def _config_from_legacy_args(args: Any, path: str) -> TrainConfig:
-    """The config of an unversioned checkpoint, from its flat dict of command-line values."""
-    if not isinstance(args, dict):
-        raise CheckpointError(f"{path}: its 'args' is a {type(args).__name__}, not a dict of command-line values")
-    preset = default_preset(args.get("data_path"))
-    missing = sorted(set(PRESETS[preset]) - set(args))
-    if missing:
-        raise CheckpointError(f"{path} is an unversioned checkpoint without the settings {missing}; cannot convert it")
-    try:
-        return make_config(preset, **args)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is an unversioned checkpoint whose settings cannot be converted: {error}"
-        ) from None
 
 
 def _number(value: Any) -> Any:
