@@ -21,10 +21,11 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 # Only the standard library and torch-free project modules at the top: --help and a mistake in a flag or
 # a path answer before torch loads (a minute on a loaded machine). train() imports the rest.
-from adclr.choices import ARCHS, ATTN_BACKENDS, PRECISIONS, QUERY_KEY_RULES
+from adclr.choices import ARCHS, ATTN_BACKENDS, LOSS_BACKENDS, PRECISIONS, QUERY_KEY_RULES
 from adclr.cli import (
     add_debug_flag,
     check_device,
@@ -95,6 +96,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "apply the heads' last layer inside the chunked loss, never materialising [tokens, K] logits; "
         "false: the unfused reference loss",
         type=parse_bool,
+    )
+    flag(
+        "loss_backend",
+        "row operations of the fused loss (auto: Triton on CUDA, PyTorch elsewhere)",
+        choices=LOSS_BACKENDS,
     )
     # Optimisation
     flag(
@@ -168,53 +174,149 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
-    """The run: device checks, data, networks, resume, then epochs of training, checkpoints and evaluation."""
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm import tqdm
-
-    from adclr import train_step
-    from adclr.augment import MultiCropAugmentation, MultiCropConfig
-    from adclr.checkpoint import LATEST, find_resumable, restore, save_checkpoint, set_aside
-    from adclr.data import ImageFiles, SyntheticScenes, collate_multicrop
-    from adclr.distributed import init_distributed
-    from adclr.files import atomic_write
-    from adclr.kernels import interpreter_enabled
-    from adclr.lock import hold_output_dir
+    """The run, step by step: set up, data, networks, resume, then per epoch train, save and evaluate."""
     from adclr.loss import collapse_warnings
-    from adclr.runtime import SeededItems, configure_threads, seed_everything
-    from adclr.schedules import build_schedules
+
+    run = start_run(cfg, flags, chosen_preset)
+    data = build_data(run)
+    state, schedules = build_state(run, len(data.loader))
+    start_epoch, history = resume(run, state)
+    evaluator = Evaluator(run)
+    # A run stopped after an epoch's checkpoint but before its end (during its evaluation, say), or resumed
+    # from an older numbered checkpoint, finishes that epoch first: log.jsonl then matches the history.
+    unfinished = run.main_process and history and _logged_epochs(run.log_path) != [r["epoch"] for r in history]
+    if run.main_process_flag(unfinished):  # the main process reads the log; every process evaluates
+        end_epoch(run, state, history, history[-1], evaluator)
+    if start_epoch >= cfg.optim.epochs:
+        run.log(
+            f"{run.checkpoint_path} is at epoch {start_epoch}: nothing left to train for --epochs {cfg.optim.epochs}"
+        )
+
+    skipped = SkippedSteps(run)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        record = train_one_epoch(run, state, schedules, data, epoch, skipped, evaluator.latest)
+        history.append(record)
+        for warning in collapse_warnings(record, cfg.model.out_dim):
+            run.log(f"warning: epoch {epoch + 1}: {warning}")
+        if run.main_process:
+            save(run, state, epoch + 1, history)  # before any evaluation: a run stopped during it keeps this epoch
+        end_epoch(run, state, history, record, evaluator)
+        run.barrier()
+    run.finish(evaluator.latest)
+
+
+@dataclasses.dataclass
+class Run:
+    """What every step of a run reads: its config, the device, this process's rank, the log and the files."""
+
+    cfg: TrainConfig
+    device: Any  # torch.device
+    dist_info: Any  # adclr.distributed.DistInfo
+    writer: Any = None  # TensorBoard's SummaryWriter on the main process with --tensorboard
+
+    @property
+    def main_process(self) -> bool:
+        return self.dist_info.is_main
+
+    @property
+    def checkpoint_path(self) -> str:
+        from adclr.checkpoint import LATEST
+
+        return os.path.join(self.cfg.run.output_dir, LATEST)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.cfg.run.output_dir, "log.jsonl")
+
+    def log(self, *values) -> None:
+        """Print on the main process only."""
+        if self.main_process:
+            print(*values, flush=True)
+
+    def kept(self) -> str:
+        """Which checkpoint a stopped run leaves behind, for its last message."""
+        exists = os.path.exists(self.checkpoint_path)
+        return f"the last good checkpoint is {self.checkpoint_path}" if exists else "no checkpoint was written yet"
+
+    def main_process_flag(self, value) -> bool:
+        """The main process's ``value``, on every process."""
+        import torch
+
+        if not self.dist_info.enabled:
+            return bool(value)
+        flag = torch.tensor([float(bool(value))], device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def barrier(self) -> None:
+        import torch
+
+        if self.dist_info.enabled:
+            torch.distributed.barrier()
+
+    def finish(self, evaluation: dict) -> None:
+        """Close TensorBoard, print the final evaluation beside random init, leave the process group."""
+        import torch
+
+        if self.writer:
+            self.writer.close()
+        if evaluation:
+            self.log(summary(self.cfg, evaluation))
+        if self.dist_info.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def start_run(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> Run:
+    """The device and its checks, the process group, the start-up lines (preset, config, notes, threads)."""
+    import torch
+
+    from adclr.distributed import init_distributed
+    from adclr.kernels import interpreter_enabled
+    from adclr.runtime import configure_threads
+    from adclr.train_step import default_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.optim.precision = cfg.optim.precision or train_step.default_precision(device)
+    cfg.optim.precision = cfg.optim.precision or default_precision(device)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     notes = check_device(cfg, device.type, capability, interpreter_enabled())
     dist_info = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    main_process = dist_info.is_main
-    checkpoint_path = os.path.join(cfg.run.output_dir, LATEST)
-    log = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
-    log(describe_preset(cfg, flags, chosen_preset))
-    log("config: " + json.dumps(cfg.to_dict()))
+    run = Run(cfg, device, dist_info)
+    run.log(describe_preset(cfg, flags, chosen_preset))
+    run.log("config: " + json.dumps(cfg.to_dict()))
     for note in notes:
-        log(f"note: {note}")
-    log(configure_threads(cfg.data.num_workers))
+        run.log(f"note: {note}")
+    run.log(configure_threads(cfg.data.num_workers))
+    return run
 
-    # ---- data: multi-crop views + query crops of every image -------------------------------------
-    data = cfg.data
-    augmentation = MultiCropAugmentation(
-        MultiCropConfig(
-            global_size=data.global_size,
-            local_size=data.local_size,
-            global_crops_scale=data.global_crops_scale,
-            local_crops_scale=data.local_crops_scale,
-            local_crops_number=data.local_crops_number,
-            num_query=data.num_query,
-            query_scale=data.query_scale,
-            patch_size=cfg.model.patch_size,
-        )
-    )
+
+@dataclasses.dataclass
+class TrainData:
+    """The training images as multi-crop views plus query crops, sharded over the processes."""
+
+    dataset: Any  # adclr.runtime.SeededItems
+    sampler: Any  # DistributedSampler
+    loader: Any  # DataLoader
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch's shuffle and augmentation seeds."""
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+
+def build_data(run: Run) -> TrainData:
+    """Every image's multi-crop views plus query crops; then the output folder is created and locked (one
+    run per folder)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from adclr.augment import MultiCropAugmentation, MultiCropConfig
+    from adclr.data import ImageFiles, SyntheticScenes, collate_multicrop
+    from adclr.lock import hold_output_dir
+    from adclr.runtime import SeededItems
+
+    cfg, data, dist_info = run.cfg, run.cfg.data, run.dist_info
+    augmentation = MultiCropAugmentation(MultiCropConfig.from_train_config(cfg))
     if data.data_path:
         dataset = ImageFiles(data.data_path, transform=augmentation)
     else:
@@ -230,12 +332,11 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
         batch_size=batch_size,
         sampler=sampler,
         num_workers=data.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=run.device.type == "cuda",
         drop_last=True,
         collate_fn=collate_multicrop,
     )
-    iters_per_epoch = len(loader)
-    if iters_per_epoch == 0:
+    if len(loader) == 0:
         source = f"--data_path {data.data_path}" if data.data_path else "the built-in set (--builtin_train_size)"
         processes = f" on each of {dist_info.world_size} processes" if dist_info.enabled else ""
         raise UserError(
@@ -243,168 +344,189 @@ def train(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> None:
             "lower --batch_size_per_gpu"
         )
     os.makedirs(cfg.run.output_dir, exist_ok=True)
-    for note in hold_output_dir(cfg.run.output_dir) if main_process else []:  # one run per folder
-        log(f"note: {note}")
+    for note in hold_output_dir(cfg.run.output_dir) if run.main_process else []:
+        run.log(f"note: {note}")
+    return TrainData(dataset, sampler, loader)
 
-    # ---- student, teacher (EMA of the student), loss, optimizer; per-iteration schedules -----------
-    state = train_step.build_train_state(cfg, device, distributed=dist_info.enabled)
-    schedules = build_schedules(cfg, iters_per_epoch, dist_info.world_size)
 
-    # ---- resume ------------------------------------------------------------------------------------
+def build_state(run: Run, iters_per_epoch: int):
+    """Student, teacher (EMA of the student), loss, optimizer; the per-iteration schedules."""
+    from adclr.schedules import build_schedules
+    from adclr.train_step import build_train_state
+
+    state = build_train_state(run.cfg, run.device, distributed=run.dist_info.enabled)
+    return state, build_schedules(run.cfg, iters_per_epoch, run.dist_info.world_size)
+
+
+def resume(run: Run, state) -> tuple[int, list]:
+    """Load the output folder's checkpoint into ``state`` if there is one (a corrupt one is set aside) and open
+    TensorBoard; returns ``(epochs done, history)``."""
+    from adclr.checkpoint import find_resumable, restore, set_aside
+
     start_epoch, history = 0, []
-    saved, corrupt = find_resumable(cfg.run.output_dir)
+    saved, corrupt = find_resumable(run.cfg.run.output_dir)
     if saved:
         restore(saved, state)  # a checkpoint that does not fit this run stops it before anything is renamed
         start_epoch, history = saved.epoch, saved.history
-    if dist_info.enabled:
-        torch.distributed.barrier()  # every process has read its checkpoint before a corrupt one is renamed
-    if main_process:
+    run.barrier()  # every process has read its checkpoint before a corrupt one is renamed
+    if run.main_process:
         for path, reason in corrupt:
-            log(f"warning: {reason}; moved it to {set_aside(path)}")
+            run.log(f"warning: {reason}; moved it to {set_aside(path)}")
     if saved:
-        now = cfg.flat()
+        now = run.cfg.flat()
         changed = {name: (value, now[name]) for name, value in saved.config.flat().items() if value != now[name]}
-        log(f"resumed from {saved.path} at epoch {start_epoch}" + (f"; changed since: {changed}" if changed else ""))
-
-    writer = None
-    if cfg.run.tensorboard and main_process:
+        run.log(
+            f"resumed from {saved.path} at epoch {start_epoch}" + (f"; changed since: {changed}" if changed else "")
+        )
+    if run.cfg.run.tensorboard and run.main_process:
         from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
 
-        writer = SummaryWriter(os.path.join(cfg.run.output_dir, "tensorboard"))
+        run.writer = SummaryWriter(os.path.join(run.cfg.run.output_dir, "tensorboard"))
+    return start_epoch, history
 
-    epochs, total_batch = cfg.optim.epochs, batch_size * dist_info.world_size
-    log_path = os.path.join(cfg.run.output_dir, "log.jsonl")
-    evaluation: dict = {}
-    baseline: dict = {}  # the random-init metrics: computed once, at the first evaluation
 
-    def save_epoch(epoch: int) -> None:
-        """``checkpoint.pth`` after ``epoch`` epochs (and ``checkpointNNNN.pth`` every ``saveckp_freq``)."""
-        save_checkpoint(checkpoint_path, state, cfg, epoch, history)
-        if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0:
-            save_checkpoint(os.path.join(cfg.run.output_dir, f"checkpoint{epoch:04d}.pth"), state, cfg, epoch, history)
+class SkippedSteps:
+    """Counts the optimizer steps the fp16 gradient scaler skipped (non-finite gradients), per epoch and in a
+    row across epochs; ``MAX_SKIPPED_STEPS`` in a row stop the run."""
 
-    def finish_epoch(record: dict) -> None:
-        """After an epoch's checkpoint: its evaluation if one is due (every process extracts a shard of the
-        images; the main one rewrites the checkpoints with the results), then ``log.jsonl`` rewritten from
-        the history and TensorBoard. Every process calls it."""
-        nonlocal evaluation, baseline
-        epoch = record["epoch"]
-        if epoch == epochs or (cfg.run.eval_every and epoch % cfg.run.eval_every == 0):
-            if not baseline:  # the same architecture at its initialisation, evaluated once per run
-                baseline = evaluate(
-                    cfg, train_step.random_init_backbone(cfg).to(device), device, "random_init", dist_info
-                )
-            evaluation = {**evaluate(cfg, state.teacher.backbone, device, "teacher", dist_info), **baseline}
-            record.update(evaluation)
-            log("evaluation: " + json.dumps(evaluation))
-            if main_process:
-                save_epoch(epoch)
-        if main_process:
-            with atomic_write(log_path, "w") as f:  # one line per epoch of the history: none lost, none twice
-                f.writelines(json.dumps(r) + "\n" for r in history)
-            if writer:
-                for key, value in record.items():
-                    writer.add_scalar(key, value, epoch)
+    def __init__(self, run: Run):
+        self.run, self.in_epoch, self.in_a_row = run, 0, 0
 
-    def kept() -> str:
-        exists = os.path.exists(checkpoint_path)
-        return f"the last good checkpoint is {checkpoint_path}" if exists else "no checkpoint was written yet"
-
-    # A run stopped after an epoch's checkpoint but before its end (during its evaluation, say), or resumed
-    # from an older numbered checkpoint, finishes that epoch first: log.jsonl then matches the history.
-    unfinished = main_process and history and _logged_epochs(log_path) != [r["epoch"] for r in history]
-    if dist_info.enabled:  # the main process reads the log; every process takes part in the evaluation
-        flag = torch.tensor([float(bool(unfinished))], device=device)
-        torch.distributed.broadcast(flag, src=0)
-        unfinished = bool(flag.item())
-    if unfinished:
-        finish_epoch(history[-1])
-    if start_epoch >= epochs:
-        log(f"{checkpoint_path} is at epoch {start_epoch}: nothing left to train for --epochs {epochs}")
-
-    # ---- training ------------------------------------------------------------------------------------
-    skipped_in_a_row = 0  # optimizer steps the fp16 gradient scaler skipped (non-finite gradients)
-    for epoch in range(start_epoch, epochs):
-        seed_everything(cfg.run.seed + 1000 * epoch + dist_info.rank)  # augmentations, drop-path: resumable
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        state.student.train()
-        sums = {f.name: 0.0 for f in dataclasses.fields(train_step.StepLosses)}
-        skipped = 0
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, dynamic_ncols=True)
-        tic = time.perf_counter()
-        for it, (crops, query_crops, _) in enumerate(progress):
-            settings = schedules.at(epoch * iters_per_epoch + it)
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            # Without a query loss (Q = 0 or lambda = 0) the query tokens would be computed for nothing.
-            use_queries = data.num_query > 0 and cfg.loss.lambda_query != 0
-            query_crops = query_crops.to(device, non_blocking=True) if use_queries else None
-            scale = state.scaler.get_scale()  # 1.0 (and no GPU sync) unless fp16
-            try:
-                losses = train_step.training_step(state, crops, query_crops, settings)
-            except train_step.NonFiniteLossError as error:
-                raise SystemExit(
-                    f"{error} at epoch {epoch + 1}, iteration {it}; stopping training ({kept()})."
-                ) from None
-            if state.scaler.get_scale() < scale:  # the scaler found non-finite gradients and skipped the update
-                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
-                if skipped_in_a_row == MAX_SKIPPED_STEPS:
-                    raise SystemExit(
-                        f"the fp16 gradient scaler skipped the last {MAX_SKIPPED_STEPS} optimizer steps in a row "
-                        f"(non-finite gradients every time; loss scale now {state.scaler.get_scale():.1e}) at epoch "
-                        f"{epoch + 1}, iteration {it}; stopping training ({kept()}). Try --precision bf16 or fp32, "
-                        "or a lower --lr."
-                    )
-            else:
-                skipped_in_a_row = 0
-
-            values = dataclasses.asdict(losses)
-            for name, value in values.items():
-                sums[name] += value
-            images_per_s = total_batch * (it + 1) / (time.perf_counter() - tic)
-            postfix = {name: f"{values[name]:.3f}" for name in ("loss", "cls", "query")}
-            postfix.update(
-                lr=f"{settings.lr:.2e}",
-                img_s=f"{images_per_s:.0f}",
-                **{
-                    short: f"{evaluation[key]:.1f}"  # the last evaluation's results, to watch learning
-                    for short, key in (("knn", "knn_top1_teacher"), ("miou", "dense_miou_teacher"))
-                    if key in evaluation
-                },
+    def update(self, skipped: bool, loss_scale: float, epoch: int, it: int) -> None:
+        """After iteration ``it`` of ``epoch``: whether its step was ``skipped``, and the scaler's scale now."""
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_epoch, self.in_a_row = self.in_epoch + 1, self.in_a_row + 1
+        if self.in_a_row == MAX_SKIPPED_STEPS:
+            raise SystemExit(
+                f"the fp16 gradient scaler skipped the last {MAX_SKIPPED_STEPS} optimizer steps in a row "
+                f"(non-finite gradients every time; loss scale now {loss_scale:.1e}) at epoch "
+                f"{epoch + 1}, iteration {it}; stopping training ({self.run.kept()}). Try --precision bf16 or fp32, "
+                "or a lower --lr."
             )
-            if device.type == "cuda":
-                postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
-            progress.set_postfix(postfix)
 
-        if dist_info.enabled:  # the epoch's mean losses over every process's images, not the main one's alone
-            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            sums = dict(zip(sums, (totals / dist_info.world_size).tolist()))
-        record = {
-            "epoch": epoch + 1,
-            **{k: v / iters_per_epoch for k, v in sums.items() if math.isfinite(v)},  # no query entropy without queries
-            "lr": settings.lr,
-            "weight_decay": settings.weight_decay,
-            "teacher_temp": settings.teacher_temp,
-            "images_per_s": images_per_s,
-        }
-        if state.scaler.is_enabled():
-            record["skipped_steps"] = skipped
-        history.append(record)
-        for warning in collapse_warnings(record, cfg.model.out_dim):
-            log(f"warning: epoch {epoch + 1}: {warning}")
-        if main_process:
-            save_epoch(epoch + 1)  # before any evaluation: a run stopped during it keeps this epoch
-        finish_epoch(record)
-        if dist_info.enabled:
-            torch.distributed.barrier()
 
-    if writer:
-        writer.close()
-    if evaluation:
-        log(summary(cfg, evaluation))
-    if dist_info.enabled:
-        torch.distributed.destroy_process_group()
+def train_one_epoch(run: Run, state, schedules, data: TrainData, epoch: int, skipped: SkippedSteps, evaluation) -> dict:
+    """One pass over the data: a training step per batch, a progress bar (with ``evaluation``'s last
+    results), and the epoch's record: mean losses over every process, schedules and speed."""
+    import torch
+    from tqdm import tqdm
+
+    from adclr.runtime import seed_everything
+    from adclr.train_step import NonFiniteLossError, StepLosses, training_step
+
+    cfg, device, dist_info = run.cfg, run.device, run.dist_info
+    seed_everything(cfg.run.seed + 1000 * epoch + dist_info.rank)  # augmentations, drop-path: resumable
+    data.set_epoch(epoch)
+    state.student.train()
+    sums = {f.name: 0.0 for f in dataclasses.fields(StepLosses)}
+    skipped.in_epoch = 0
+    iters_per_epoch, total_batch = len(data.loader), cfg.optim.batch_size_per_gpu * dist_info.world_size
+    progress = tqdm(
+        data.loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not run.main_process, dynamic_ncols=True
+    )
+    tic = time.perf_counter()
+    for it, (crops, query_crops, _) in enumerate(progress):
+        settings = schedules.at(epoch * iters_per_epoch + it)
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        # Without a query loss (Q = 0 or lambda = 0) the query tokens would be computed for nothing.
+        query_crops = query_crops.to(device, non_blocking=True) if cfg.uses_query_loss else None
+        scale = state.scaler.get_scale()  # 1.0 (and no GPU sync) unless fp16
+        try:
+            losses = training_step(state, crops, query_crops, settings)
+        except NonFiniteLossError as error:
+            raise SystemExit(
+                f"{error} at epoch {epoch + 1}, iteration {it}; stopping training ({run.kept()})."
+            ) from None
+        # A lower scale: the scaler found non-finite gradients and skipped the update.
+        skipped.update(state.scaler.get_scale() < scale, state.scaler.get_scale(), epoch, it)
+
+        values = dataclasses.asdict(losses)
+        for name, value in values.items():
+            sums[name] += value
+        images_per_s = total_batch * (it + 1) / (time.perf_counter() - tic)
+        postfix = {name: f"{values[name]:.3f}" for name in ("loss", "cls", "query")}
+        postfix.update(
+            lr=f"{settings.lr:.2e}",
+            img_s=f"{images_per_s:.0f}",
+            **{
+                short: f"{evaluation[key]:.1f}"  # the last evaluation's results, to watch learning
+                for short, key in (("knn", "knn_top1_teacher"), ("miou", "dense_miou_teacher"))
+                if key in evaluation
+            },
+        )
+        if device.type == "cuda":
+            postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+        progress.set_postfix(postfix)
+
+    if dist_info.enabled:  # the epoch's mean losses over every process's images, not the main one's alone
+        totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        sums = dict(zip(sums, (totals / dist_info.world_size).tolist()))
+    record = {
+        "epoch": epoch + 1,
+        **{k: v / iters_per_epoch for k, v in sums.items() if math.isfinite(v)},  # no query entropy without queries
+        "lr": settings.lr,
+        "weight_decay": settings.weight_decay,
+        "teacher_temp": settings.teacher_temp,
+        "images_per_s": images_per_s,
+    }
+    if state.scaler.is_enabled():
+        record["skipped_steps"] = skipped.in_epoch
+    return record
+
+
+def save(run: Run, state, epoch: int, history: list) -> None:
+    """``checkpoint.pth`` after ``epoch`` epochs (and ``checkpointNNNN.pth`` every ``--saveckp_freq``)."""
+    from adclr.checkpoint import save_checkpoint
+
+    save_checkpoint(run.checkpoint_path, state, run.cfg, epoch, history)
+    if run.cfg.run.saveckp_freq and epoch % run.cfg.run.saveckp_freq == 0:
+        numbered = os.path.join(run.cfg.run.output_dir, f"checkpoint{epoch:04d}.pth")
+        save_checkpoint(numbered, state, run.cfg, epoch, history)
+
+
+class Evaluator:
+    """The run's evaluation: due at the last epoch and every ``--eval_every``; the random-init baseline is
+    evaluated once, at the first evaluation; ``latest`` holds the last results."""
+
+    def __init__(self, run: Run):
+        self.run, self.latest, self.baseline = run, {}, {}
+
+    def due(self, epoch: int) -> bool:
+        every = self.run.cfg.run.eval_every
+        return epoch == self.run.cfg.optim.epochs or bool(every and epoch % every == 0)
+
+    def __call__(self, teacher_backbone) -> dict:
+        from adclr.train_step import random_init_backbone
+
+        run = self.run
+        if not self.baseline:  # the same architecture at its initialisation, evaluated once per run
+            init = random_init_backbone(run.cfg).to(run.device)
+            self.baseline = evaluate(run.cfg, init, run.device, "random_init", run.dist_info)
+        self.latest = {**evaluate(run.cfg, teacher_backbone, run.device, "teacher", run.dist_info), **self.baseline}
+        return self.latest
+
+
+def end_epoch(run: Run, state, history: list, record: dict, evaluator: Evaluator) -> None:
+    """After an epoch's checkpoint: its evaluation if one is due (every process extracts a shard of the
+    images; the main one rewrites the checkpoints with the results), then ``log.jsonl`` rewritten from the
+    history and TensorBoard. Every process calls it."""
+    from adclr.files import atomic_write
+
+    epoch = record["epoch"]
+    if evaluator.due(epoch):
+        record.update(evaluator(state.teacher.backbone))
+        run.log("evaluation: " + json.dumps(evaluator.latest))
+        if run.main_process:
+            save(run, state, epoch, history)
+    if run.main_process:
+        with atomic_write(run.log_path, "w") as f:  # one line per epoch of the history: none lost, none twice
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        if run.writer:
+            for key, value in record.items():
+                run.writer.add_scalar(key, value, epoch)
 
 
 def _logged_epochs(log_path: str) -> list:

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
+from .config import PRESETS, TrainConfig, check_field, field_default
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -23,17 +25,38 @@ def _blur(size: int, p: float, sigma: tuple[float, float]) -> v2.Transform:
     return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
 
 
+# The settings a run's config also holds (``adclr.config``): their defaults are the paper preset's, read from there.
+_RUN_FIELDS = {
+    "global_size": "data",
+    "local_size": "data",
+    "global_crops_scale": "data",
+    "local_crops_scale": "data",
+    "local_crops_number": "data",
+    "num_query": "data",
+    "query_scale": "data",
+    "patch_size": "model",
+}
+
+
+def _paper(name: str):
+    """The paper recipe's value of run setting ``name``: its preset value, else its config default."""
+    return PRESETS["paper"].get(name, field_default(name))
+
+
 @dataclass
 class MultiCropConfig:
-    global_size: int = 224
-    local_size: int = 96
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    local_crops_number: int = 10
-    num_query: int = 10
-    query_scale: tuple[float, float] = (0.05, 0.15)
+    """The augmentation's settings: the run's crop settings (checked as the run config checks them, with
+    the paper's values as defaults; ``from_train_config`` takes a run's), and DINO's colour recipe."""
+
+    global_size: int = _paper("global_size")
+    local_size: int = _paper("local_size")
+    global_crops_scale: tuple[float, float] = _paper("global_crops_scale")
+    local_crops_scale: tuple[float, float] = _paper("local_crops_scale")
+    local_crops_number: int = _paper("local_crops_number")
+    num_query: int = _paper("num_query")
+    query_scale: tuple[float, float] = _paper("query_scale")
     query_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    patch_size: int = 16
+    patch_size: int = _paper("patch_size")
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
@@ -45,6 +68,15 @@ class MultiCropConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        for name in _RUN_FIELDS:
+            check_field(name, getattr(self, name))
+
+    @classmethod
+    def from_train_config(cls, config: TrainConfig) -> MultiCropConfig:
+        """The augmentation of a run: its crop settings, DINO's colour recipe."""
+        return cls(**{name: getattr(getattr(config, group), name) for name, group in _RUN_FIELDS.items()})
+
 
 class MultiCropAugmentation:
     """Callable on a PIL image or a uint8 ``[C, H, W]`` tensor; returns a dict:
@@ -55,10 +87,6 @@ class MultiCropAugmentation:
 
     def __init__(self, config: MultiCropConfig | None = None):
         self.config = cfg = config or MultiCropConfig()
-        for name in ("global_crops_scale", "local_crops_scale", "query_scale"):
-            lo, hi = getattr(cfg, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
         flip_and_color = v2.Compose(
             [
                 v2.RandomHorizontalFlip(p=0.5),

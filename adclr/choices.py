@@ -1,4 +1,4 @@
-"""The names users choose among: architectures, attention backends, query-key rules, precisions.
+"""The names users choose among: architectures, attention and loss backends, query-key rules, precisions.
 
 Kept free of torch so that ``train.py`` can check its flags before importing it; ``adclr.model`` and
 ``adclr.kernels`` take these from here, so the command line and the library accept the same names.
@@ -13,3 +13,4 @@ ARCHS = {
 ATTN_BACKENDS = ("auto", "triton", "sdpa", "reference")
 QUERY_KEY_RULES = ("prefix+raw", "raw", "prefix+raw+self", "raw+self")  # docs/layout.md
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp32 runs without autocast
+LOSS_BACKENDS = ("auto", "triton", "torch")  # the fused loss's row operations (adclr.kernels.dino_loss)

@@ -74,10 +74,16 @@ def check_device(cfg, device_type: str, capability: tuple[int, int] | None, inte
     checked before any data is read: raises ``UserError`` for what cannot run here, returns notes on what
     runs but is likely not what was meant."""
     backend, precision = cfg.model.attn_backend, cfg.optim.precision
+    loss_backend = cfg.loss.loss_backend if cfg.loss.fused_loss else None  # the unfused loss has no row kernel
     if backend == "triton" and device_type != "cuda" and not interpreter:
         raise UserError(
             "--attn_backend triton needs a CUDA GPU and there is none (on CPU the Triton kernel runs only "
             "under TRITON_INTERPRET=1, for tests); use --attn_backend auto (the exact SDPA fallback here) or sdpa"
+        )
+    if loss_backend == "triton" and device_type != "cuda" and not interpreter:
+        raise UserError(
+            "--loss_backend triton needs a CUDA GPU and there is none (on CPU the Triton rows run only under "
+            "TRITON_INTERPRET=1, for tests); use --loss_backend auto (PyTorch here) or torch"
         )
     if precision == "fp16" and device_type != "cuda":
         raise UserError(
@@ -88,12 +94,13 @@ def check_device(cfg, device_type: str, capability: tuple[int, int] | None, inte
     if precision == "bf16" and device_type != "cuda":
         return ["--precision bf16 on CPU runs, but is faster than fp32 only on CPUs with bf16 matrix units"]
     if precision == "bf16" and capability is not None and capability < (8, 0):
-        if backend == "triton":
-            raise UserError(
-                f"--attn_backend triton with --precision bf16 needs a GPU of compute capability 8.0 or newer "
-                f"(this one is {capability[0]}.{capability[1]}); use --precision fp16 (the default here) or "
-                "--attn_backend auto"
-            )
+        for flag, value in (("--attn_backend", backend), ("--loss_backend", loss_backend)):
+            if value == "triton":
+                raise UserError(
+                    f"{flag} triton with --precision bf16 needs a GPU of compute capability 8.0 or newer "
+                    f"(this one is {capability[0]}.{capability[1]}); use --precision fp16 (the default here) or "
+                    f"{flag} auto"
+                )
         return [f"bf16 is emulated on this GPU (compute capability {capability[0]}.{capability[1]}); fp16 is faster"]
     return []
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .choices import ARCHS, ATTN_BACKENDS, PRECISIONS, QUERY_KEY_RULES
+from .choices import ARCHS, ATTN_BACKENDS, LOSS_BACKENDS, PRECISIONS, QUERY_KEY_RULES
 from .errors import ConfigError
 
 # The size-related values. ``paper`` is the paper's ViT-S/16 recipe on ImageNet. ``builtin`` is sized for
@@ -166,6 +166,7 @@ PAIRS = ("global_crops_scale", "local_crops_scale", "query_scale")  # (min, max)
 CHOICES: dict[str, tuple] = {
     "arch": tuple(ARCHS),
     "attn_backend": ATTN_BACKENDS,
+    "loss_backend": LOSS_BACKENDS,
     "query_keys": QUERY_KEY_RULES,
     "precision": PRECISIONS,  # or None: chosen by device
     "builtin_eval_split": ("test", "holdout"),
@@ -251,6 +252,7 @@ class LossConfig(_Checked):
     warmup_teacher_temp: float = 0.04
     lambda_query: float = 0.5
     fused_loss: bool = True  # the heads' last layer applied inside the chunked loss (adclr.fused_loss)
+    loss_backend: str = "auto"  # the fused loss's row operations: triton, torch, or auto (by device)
 
 
 @dataclass(kw_only=True)
@@ -293,6 +295,11 @@ GROUPS: dict[str, type] = {
 FIELD_GROUP: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
 
+def _shortcut(group: str, name: str) -> property:
+    """A read-only top-level view of field ``name`` of ``group``."""
+    return property(lambda config: getattr(getattr(config, group), name), doc=f"``{group}.{name}``")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything a run depends on, in groups; ``preset`` records which preset filled the size fields.
@@ -330,33 +337,19 @@ class TrainConfig:
                 "min_lr", f"must be at most the peak learning rate (--lr {self.optim.lr}), got {self.optim.min_lr}"
             )
 
-    @property
-    def arch(self) -> str:
-        return self.model.arch
+    arch = _shortcut("model", "arch")
+    patch_size = _shortcut("model", "patch_size")
+    global_size = _shortcut("data", "global_size")
+    query_keys = _shortcut("model", "query_keys")
+    bidirectional = _shortcut("model", "bidirectional")
+    num_query = _shortcut("data", "num_query")
+    seed = _shortcut("run", "seed")
 
     @property
-    def patch_size(self) -> int:
-        return self.model.patch_size
-
-    @property
-    def global_size(self) -> int:
-        return self.data.global_size
-
-    @property
-    def query_keys(self) -> str:
-        return self.model.query_keys
-
-    @property
-    def bidirectional(self) -> bool:
-        return self.model.bidirectional
-
-    @property
-    def num_query(self) -> int:
-        return self.data.num_query
-
-    @property
-    def seed(self) -> int:
-        return self.run.seed
+    def uses_query_loss(self) -> bool:
+        """Whether the query loss takes part (Q > 0 and lambda != 0): else no query token is computed,
+        and no separate query head is built (a head without gradient would stop DDP)."""
+        return self.data.num_query > 0 and self.loss.lambda_query != 0
 
     def flat(self) -> dict[str, Any]:
         """Field name -> value over every group (the names of ``train.py``'s flags)."""

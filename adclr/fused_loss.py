@@ -20,12 +20,11 @@ log-sum-exp online over blocks of K instead.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from .heads import HeadFeatures
 from .kernels import LOSS_BACKENDS, dino_soft_cross_entropy_, dino_teacher_probs
-from .loss import LossTerms, TeacherEntropyAccumulator, ema_center_
+from .loss import CentredLoss, LossTerms, TeacherEntropyAccumulator, ema_center_
 
 # Default rows of student logits per chunk, as elements of one [rows, K] buffer: 2^24 is 256 rows at
 # K = 65536 (64 MiB in fp32, 32 MiB in bf16). Larger chunks run larger matmuls; unmeasured on GPUs.
@@ -212,7 +211,7 @@ def logit_column_sum(features: torch.Tensor, weight: torch.Tensor) -> torch.Tens
         return features.detach().reshape(-1, features.shape[-1]).float().sum(0) @ weight.detach().float().T
 
 
-class FusedADCLRLoss(nn.Module):
+class FusedADCLRLoss(CentredLoss):
     """``ADCLRLoss`` computed from the heads' bottleneck features: same loss, centres and gradients.
 
     The CLS term is ``dino_cross_entropy`` over the crops of each image, the query term the same over
@@ -220,31 +219,13 @@ class FusedADCLRLoss(nn.Module):
     teacher's logit column sums. Its buffers are ``ADCLRLoss``'s, so checkpoints load into either.
     """
 
-    def __init__(
-        self,
-        out_dim: int,
-        num_crops: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        lambda_query: float = 0.5,
-        *,
-        chunk_rows: int | None = None,
-        backend: str = "auto",
-    ):
-        super().__init__()
-        if num_crops < 2:
-            raise ValueError(f"num_crops must be >= 2 (two global views), got {num_crops}")
+    def __init__(self, *args, chunk_rows: int | None = None, backend: str = "auto", **kwargs):
+        """``CentredLoss``'s arguments, and the chunking and row backend of ``dino_cross_entropy``."""
+        super().__init__(*args, **kwargs)
         if backend not in LOSS_BACKENDS:
             raise ValueError(f"backend must be one of {LOSS_BACKENDS}, got {backend!r}")
-        self.out_dim = out_dim
-        self.num_crops = num_crops
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.lambda_query = lambda_query
         self.chunk_rows = chunk_rows
         self.backend = backend
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.register_buffer("query_center", torch.zeros(1, out_dim))
 
     def forward(self, student: HeadFeatures, teacher: HeadFeatures, teacher_temp: float) -> LossTerms:
         """``student`` / ``teacher``: ``MultiCropWrapper(..., head_features=True)`` outputs (teacher: 2 crops)."""
@@ -280,7 +261,7 @@ class FusedADCLRLoss(nn.Module):
             **options,
         )
         query_loss, query_entropy = cls_loss.new_zeros(()), None
-        if student.queries is not None and self.lambda_query != 0:
+        if self.has_query_term(student.queries):
             if student.queries.shape[0] != 2 or teacher.queries.shape != student.queries.shape:
                 raise ValueError(
                     f"query features must be [2, B, Q, D] for student and teacher alike, got "

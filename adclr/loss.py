@@ -67,15 +67,10 @@ def _cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, st
     return torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
 
 
-class ADCLRLoss(nn.Module):
-    """DINO's multi-crop CLS loss plus the query-token loss, each with its own centre.
-
-    CLS: the teacher sees the two global views, the student every crop; pairs where both see the same
-    view are skipped. Queries: ``H(teacher query i in view B, student query i in view A)`` for
-    ``(A, B) = (1, 2)`` and ``(2, 1)``, averaged over the Q queries (the ``1/Q``) and the two pairs.
-    Teacher outputs are centred (EMA of their batch mean, all-reduced across processes) and sharpened
-    with the teacher temperature the caller passes in (it follows a warm-up schedule).
-    """
+class CentredLoss(nn.Module):
+    """What both forms of the ADCLR loss (``ADCLRLoss``, ``adclr.fused_loss.FusedADCLRLoss``) hold: the crop
+    count, the student temperature, lambda, and the teacher's two centres (CLS and query), so that a
+    checkpoint's loss state loads into either."""
 
     def __init__(
         self,
@@ -88,12 +83,28 @@ class ADCLRLoss(nn.Module):
         super().__init__()
         if num_crops < 2:
             raise ValueError(f"num_crops must be >= 2 (two global views), got {num_crops}")
+        self.out_dim = out_dim
         self.num_crops = num_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.lambda_query = lambda_query
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("query_center", torch.zeros(1, out_dim))
+
+    def has_query_term(self, student_queries: torch.Tensor | None) -> bool:
+        """The query term is computed when the student has query outputs and lambda is not 0."""
+        return student_queries is not None and self.lambda_query != 0
+
+
+class ADCLRLoss(CentredLoss):
+    """DINO's multi-crop CLS loss plus the query-token loss, each with its own centre.
+
+    CLS: the teacher sees the two global views, the student every crop; pairs where both see the same
+    view are skipped. Queries: ``H(teacher query i in view B, student query i in view A)`` for
+    ``(A, B) = (1, 2)`` and ``(2, 1)``, averaged over the Q queries (the ``1/Q``) and the two pairs.
+    Teacher outputs are centred (EMA of their batch mean, all-reduced across processes) and sharpened
+    with the teacher temperature the caller passes in (it follows a warm-up schedule).
+    """
 
     def forward(self, student_cls, teacher_cls, student_query, teacher_query, teacher_temp: float) -> LossTerms:
         """``*_cls``: ``[crops*B, K]`` (teacher: 2 global crops); ``*_query``: ``[2, B, Q, K]`` or None."""
@@ -108,7 +119,7 @@ class ADCLRLoss(nn.Module):
         cls_loss = torch.stack(pairs).mean()
 
         query_loss, query_entropy = cls_loss.new_zeros(()), None
-        if student_query is not None and self.lambda_query != 0:
+        if self.has_query_term(student_query):
             tq = F.softmax((teacher_query.float() - self.query_center) / teacher_temp, dim=-1).detach()
             sq = student_query.float()
             query_loss = 0.5 * (

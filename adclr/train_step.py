@@ -103,11 +103,9 @@ def build_backbone(
 def build_network(config: TrainConfig, drop_path_rate: float) -> MultiCropWrapper:
     """The ViT with its DINO head (and a query head if asked for): the student or the teacher.
 
-    The separate query head is built only when the query loss uses it (``num_query > 0`` and
-    ``lambda_query != 0``): a head that gets no gradient makes DDP fail on the next iteration.
+    The separate query head is built only when the query loss uses it (``config.uses_query_loss``).
     """
     model = config.model
-    query_loss_used = config.data.num_query > 0 and config.loss.lambda_query != 0
     backbone = build_backbone(config, drop_path_rate)
 
     def head() -> DINOHead:
@@ -119,7 +117,7 @@ def build_network(config: TrainConfig, drop_path_rate: float) -> MultiCropWrappe
             norm_last_layer=model.norm_last_layer,
         )
 
-    return MultiCropWrapper(backbone, head(), head() if model.separate_query_head and query_loss_used else None)
+    return MultiCropWrapper(backbone, head(), head() if model.separate_query_head and config.uses_query_loss else None)
 
 
 def build_train_state(config: TrainConfig, device: torch.device, distributed: bool | None = None) -> TrainState:
@@ -141,10 +139,11 @@ def build_train_state(config: TrainConfig, device: torch.device, distributed: bo
         if distributed
         else student
     )
-    loss_class = FusedADCLRLoss if config.loss.fused_loss else ADCLRLoss
-    loss = loss_class(
-        config.model.out_dim, num_crops=2 + config.data.local_crops_number, lambda_query=config.loss.lambda_query
-    ).to(device)
+    loss_args = dict(num_crops=2 + config.data.local_crops_number, lambda_query=config.loss.lambda_query)
+    if config.loss.fused_loss:
+        loss = FusedADCLRLoss(config.model.out_dim, **loss_args, backend=config.loss.loss_backend).to(device)
+    else:
+        loss = ADCLRLoss(config.model.out_dim, **loss_args).to(device)
     precision = config.optim.precision or default_precision(device)
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"precision must be one of {tuple(AUTOCAST_DTYPES)}, got {precision!r}")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from ..choices import LOSS_BACKENDS
 from .attention import interpreter_enabled
 
-LOSS_BACKENDS = ("auto", "triton", "torch")
 # ``auto``'s choice per device type. The Triton rows read the logits and targets twice and write the
 # gradient once; the PyTorch rows make about ten passes over chunk-sized fp32 temporaries. Which is
 # faster on a GPU has not been measured yet: ``python -m bench.train_step --loss_backend {triton,torch}``

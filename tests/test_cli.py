@@ -356,6 +356,37 @@ def test_device_checks(backend, precision, device, capability, outcome):
     assert check_device(make_config(attn_backend="triton"), "cpu", None, interpreter=True) == []
 
 
+@pytest.mark.parametrize(
+    "settings, device, capability, interpreter, outcome",
+    [
+        (dict(loss_backend="triton"), "cpu", None, False, "--loss_backend triton needs a CUDA GPU"),
+        (dict(loss_backend="triton"), "cpu", None, True, "fine"),
+        (dict(loss_backend="triton", fused_loss=False), "cpu", None, False, "fine"),  # the unfused loss has no rows
+        (dict(loss_backend="torch"), "cpu", None, False, "fine"),
+        (
+            dict(loss_backend="triton", precision="bf16"),
+            "cuda",
+            (7, 0),
+            False,
+            "--loss_backend triton with --precision",
+        ),
+        (dict(loss_backend="triton", precision="bf16"), "cuda", (8, 0), False, "fine"),
+    ],
+)
+def test_loss_backend_device_checks(settings, device, capability, interpreter, outcome):
+    """The fused loss's Triton rows are refused where they cannot run, as the attention kernel is."""
+    from adclr.cli import check_device
+    from adclr.config import make_config
+    from adclr.errors import UserError
+
+    cfg = make_config(**settings)
+    if outcome == "fine":
+        assert check_device(cfg, device, capability, interpreter) == []
+    else:
+        with pytest.raises(UserError, match=outcome):
+            check_device(cfg, device, capability, interpreter)
+
+
 def test_default_precision_follows_the_gpu(monkeypatch):
     """bf16 where the GPU has bf16 matrix units (sm80+), fp16 on older GPUs (V100), fp32 on CPU."""
     from adclr import train_step

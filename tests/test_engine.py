@@ -297,3 +297,11 @@ def test_query_head_is_built_only_when_the_query_loss_uses_it():
     assert not has_query_head(separate_query_head=True, lambda_query=0.0)
     assert not has_query_head(separate_query_head=True, num_query=0)
     assert not has_query_head()
+
+
+@pytest.mark.parametrize("fused, backend", [(True, "torch"), (True, "auto"), (False, "torch")])
+def test_the_loss_follows_the_config(fused, backend):
+    """``fused_loss`` picks the loss form and ``loss_backend`` reaches the fused loss's row operations."""
+    loss = train_step.build_train_state(tiny_config(fused_loss=fused, loss_backend=backend), CPU).loss
+    assert type(loss).__name__ == ("FusedADCLRLoss" if fused else "ADCLRLoss")
+    assert getattr(loss, "backend", None) == (backend if fused else None)
