@@ -11,6 +11,6 @@ ARCHS = {
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 ATTN_BACKENDS = ("auto", "triton", "sdpa", "reference")
-QUERY_KEY_RULES = ("prefix+raw", "raw", "prefix+raw+self", "raw+self")  # docs/layout.md
+QUERY_KEY_RULES = ("prefix+raw", "raw", "prefix+raw+self", "raw+self")  # docs/token-layout.md
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp32 runs without autocast
 LOSS_BACKENDS = ("auto", "triton", "torch")  # the fused loss's row operations (adclr.kernels.dino_loss)

@@ -29,49 +29,30 @@ from .errors import ConfigError
 # and the CLS loss climbs back to ln K, with DINO's own code as with ours; bench/results/
 # 2026-12-05_cpu_collapse), and a learning rate that decays to a tenth of its peak (chosen on the holdout
 # scenes, never on the val split).
+_PRESET_NAMES = ("builtin", "paper")
+_PRESET_VALUES: dict[str, tuple[Any, Any]] = {  # field: (builtin, paper)
+    "arch": ("vit_pico", "vit_small"),
+    "patch_size": (8, 16),
+    "out_dim": (256, 65536),
+    "head_hidden_dim": (512, 2048),
+    "head_bottleneck_dim": (32, 256),
+    "drop_path_rate": (0.0, 0.1),
+    "global_size": (48, 224),
+    "local_size": (16, 96),
+    "local_crops_number": (2, 10),
+    "num_query": (6, 10),
+    "momentum_teacher": (0.996, 0.996),
+    "teacher_temp": (0.02, 0.07),
+    "warmup_teacher_temp_epochs": (0, 30),
+    "epochs": (12, 100),
+    "batch_size_per_gpu": (32, 64),
+    "lr": (0.002, 0.0005),
+    "min_lr": (2.5e-5, 1e-6),
+    "warmup_epochs": (1, 10),
+    "weight_decay_end": (0.04, 0.4),
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "builtin": dict(
-        arch="vit_pico",
-        patch_size=8,
-        out_dim=256,
-        head_hidden_dim=512,
-        head_bottleneck_dim=32,
-        drop_path_rate=0.0,
-        global_size=48,
-        local_size=16,
-        local_crops_number=2,
-        num_query=6,
-        momentum_teacher=0.996,
-        teacher_temp=0.02,
-        warmup_teacher_temp_epochs=0,
-        epochs=12,
-        batch_size_per_gpu=32,
-        lr=0.002,
-        min_lr=2.5e-5,
-        warmup_epochs=1,
-        weight_decay_end=0.04,
-    ),
-    "paper": dict(
-        arch="vit_small",
-        patch_size=16,
-        out_dim=65536,
-        head_hidden_dim=2048,
-        head_bottleneck_dim=256,
-        drop_path_rate=0.1,
-        global_size=224,
-        local_size=96,
-        local_crops_number=10,
-        num_query=10,
-        momentum_teacher=0.996,
-        teacher_temp=0.07,
-        warmup_teacher_temp_epochs=30,
-        epochs=100,
-        batch_size_per_gpu=64,
-        lr=0.0005,
-        min_lr=1e-6,
-        warmup_epochs=10,
-        weight_decay_end=0.4,
-    ),
+    name: {field: values[i] for field, values in _PRESET_VALUES.items()} for i, name in enumerate(_PRESET_NAMES)
 }
 
 

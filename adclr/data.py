@@ -18,6 +18,7 @@ import argparse
 import functools
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -305,7 +306,24 @@ def _require_folder(path: str, what: str) -> None:
         raise ValueError(f"{path!r} is not a folder; expected {what}")
 
 
-class LabelledImages(Dataset):
+class _ImageSamples(Dataset):
+    """Items from ``samples``, a list of ``(image path, target)``: the RGB image and ``load_target(target)``,
+    combined by ``item``."""
+
+    samples: list[tuple[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return self.item(load_rgb(path), self.load_target(target))
+
+    def load_target(self, target):
+        return target
+
+
+class LabelledImages(_ImageSamples):
     """An ImageFolder tree ``root/<class>/<image>``; items are ``(PIL RGB image, class index)``.
 
     Classes are the sub-folder names in sorted order (torchvision's ``find_classes``). Unlike
@@ -331,12 +349,7 @@ class LabelledImages(Dataset):
         self.targets = [label for _, label in self.samples]
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = load_rgb(path)
+    def item(self, image: Image.Image, label: int):
         return (self.transform(image) if self.transform else image), label
 
 
@@ -351,7 +364,7 @@ def check_same_classes(train_classes, val_classes) -> None:
         )
 
 
-class SegmentationFolder(Dataset):
+class SegmentationFolder(_ImageSamples):
     """Image/mask pairs ``root/images/<name>.<ext>`` and ``root/masks/<name>.png`` (VOC / ADE style).
 
     A mask is a single-channel PNG (grey or palette) of the image's size whose pixel values are class
@@ -391,14 +404,11 @@ class SegmentationFolder(Dataset):
                     )
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        image_path, mask_path = self.samples[index]
-        image = load_rgb(image_path)
+    def load_target(self, mask_path: str) -> torch.Tensor:
         with Image.open(mask_path) as mask:
-            mask = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+            return torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+
+    def item(self, image: Image.Image, mask: torch.Tensor):
         return self.transform(image, mask) if self.transform else (image, mask)
 
 

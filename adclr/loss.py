@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import field_default
+
 
 @dataclass
 class TeacherEntropy:
@@ -78,7 +80,7 @@ class CentredLoss(nn.Module):
         num_crops: int,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
-        lambda_query: float = 0.5,
+        lambda_query: float = field_default("lambda_query"),  # the run config's default: the paper's 0.5
     ):
         super().__init__()
         if num_crops < 2:

@@ -76,7 +76,7 @@ class ADCLRVisionTransformer(VisionTransformer):
     """A ViT that also carries query tokens under ADCLR's unidirectional attention.
 
     Args:
-        query_keys: the query-key rule of docs/layout.md (default ``"prefix+raw"``, paper Eq. 5).
+        query_keys: the query-key rule of docs/token-layout.md (default ``"prefix+raw"``, paper Eq. 5).
         bidirectional: every token sees every token (the paper's collapsing ablation).
         attn_backend: ``auto`` / ``triton`` / ``sdpa`` / ``reference`` for every block.
         **vit_kwargs: passed to timm's ``VisionTransformer`` (``dynamic_img_size`` is forced on).

@@ -1,7 +1,7 @@
 """The ADCLR token layout: the single definition of who attends to whom.
 
 A sequence is ``[prefix (P), raw patches, query tokens (Q)]`` with ``R = P + patches`` raw tokens and
-``L = R + Q`` in all (specified in docs/layout.md). Raw rows attend to keys ``[0, R)``; query rows attend to
+``L = R + Q`` in all (specified in docs/token-layout.md). Raw rows attend to keys ``[0, R)``; query rows attend to
 ``[0, R)`` or ``[P, R)``, optionally plus their own key (the diagonal); no query row sees another
 query token. The reference, the SDPA fallback, the Triton kernel and the benchmarks all read the
 structure from this object; ``dense_mask`` exists for tests and for peers that need a mask.

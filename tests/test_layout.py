@@ -7,7 +7,7 @@ from adclr.kernels import QUERY_KEY_RULES, AttentionLayout
 
 
 def expected_keys(layout: AttentionLayout, row: int) -> set[int]:
-    """The table of docs/layout.md, written out independently of the layout's own code."""
+    """The table of docs/token-layout.md, written out independently of the layout's own code."""
     R, P, L = layout.num_raw, layout.num_prefix, layout.length
     if layout.bidirectional or row < R:
         return set(range(L if layout.bidirectional else R))

@@ -71,7 +71,7 @@ def test_query_tokens_get_no_position_embedding():
 
 
 def allowed_keys(R: int, Q: int, rule: str) -> torch.Tensor:
-    """``[L, L]`` True where row i may attend to key j, written from docs/layout.md's table (one CLS token)."""
+    """``[L, L]`` True where row i may attend to key j, written from docs/token-layout.md's table (one CLS token)."""
     L = R + Q
     if rule == "bidirectional":
         return torch.ones(L, L, dtype=torch.bool)

@@ -10,7 +10,7 @@ from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_pack
 
 
 def row_loop_attention(q, k, v, layout, scale):
-    """One row at a time over its allowed keys, straight from the layout table in docs/layout.md (no mask tensor)."""
+    """One row at a time over its allowed keys, from the layout table in docs/token-layout.md (no mask tensor)."""
     out = torch.empty_like(q)
     for i in range(layout.length):
         start, end, has_self = layout.row_keys(i)

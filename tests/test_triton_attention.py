@@ -193,7 +193,7 @@ def test_head_dims(head_dim, rule, variant):
 
 
 def visible_keys(rule: str, R: int, Q: int, P: int) -> torch.Tensor:
-    """``[L, L]``, True where row i sees key j: the table of ``docs/layout.md`` written out row by row
+    """``[L, L]``, True where row i sees key j: the table of ``docs/token-layout.md`` written out row by row
     (independent of ``AttentionLayout.dense_mask``)."""
     L = R + Q
     seen = torch.zeros(L, L, dtype=torch.bool)
@@ -273,7 +273,7 @@ def check_hidden_keys(layout, clean, seen, rows_hit, out, grads):
 @pytest.mark.parametrize("variant", list(PLANS))
 @pytest.mark.parametrize("rule", POISON_RULES)
 def test_hidden_keys_never_contribute(rule, variant, poison):
-    """docs/layout.md: a key a row may not see has no effect on it, "even inf or NaN", forward and
+    """docs/token-layout.md: a key a row may not see has no effect on it, "even inf or NaN", forward and
     backward, in every kernel variant (``poisoned_case``, ``check_hidden_keys``)."""
     layout, clean, (q, k, v, do), seen, rows_hit = poisoned_case(rule, poison)
     with plans.forced_plan(plan(variant, layout.length, q.shape[-1], torch.float32)):
