@@ -446,19 +446,7 @@ def train_one_epoch(run: Run, state, schedules, data: TrainData, epoch: int, ski
         for name, value in values.items():
             sums[name] += value
         images_per_s = total_batch * (it + 1) / (time.perf_counter() - tic)
-        postfix = {name: f"{values[name]:.3f}" for name in ("loss", "cls", "query")}
-        postfix.update(
-            lr=f"{settings.lr:.2e}",
-            img_s=f"{images_per_s:.0f}",
-            **{
-                short: f"{evaluation[key]:.1f}"  # the last evaluation's results, to watch learning
-                for short, key in (("knn", "knn_top1_teacher"), ("miou", "dense_miou_teacher"))
-                if key in evaluation
-            },
-        )
-        if device.type == "cuda":
-            postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
-        progress.set_postfix(postfix)
+        progress.set_postfix(progress_line(values, settings.lr, images_per_s, evaluation, device))
 
     if dist_info.enabled:  # the epoch's mean losses over every process's images, not the main one's alone
         totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
@@ -475,6 +463,21 @@ def train_one_epoch(run: Run, state, schedules, data: TrainData, epoch: int, ski
     if state.scaler.is_enabled():
         record["skipped_steps"] = skipped.in_epoch
     return record
+
+
+def progress_line(losses: dict, lr: float, images_per_s: float, evaluation: dict, device) -> dict:
+    """The progress bar's values: this step's losses, lr and speed, the last evaluation's results (to
+    watch learning) and, on a GPU, the peak memory."""
+    import torch
+
+    line = {name: f"{losses[name]:.3f}" for name in ("loss", "cls", "query")}
+    line.update(lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+    for short, key in (("knn", "knn_top1_teacher"), ("miou", "dense_miou_teacher")):
+        if key in evaluation:
+            line[short] = f"{evaluation[key]:.1f}"
+    if device.type == "cuda":
+        line["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+    return line
 
 
 def save(run: Run, state, epoch: int, history: list) -> None:
