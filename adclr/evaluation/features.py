@@ -165,13 +165,13 @@ def _one_line(error: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# ---- checks and data ------------------------------------------------------------------------------
+
+
 def positive(name: str, value, minimum=1) -> None:
     """Refuse ``value`` below ``minimum``, naming it ``name``."""
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
-
-
-# ---- data ------------------------------------------------------------------------------------------
 
 
 def split_folders(data_path: str) -> tuple[str, str]:
