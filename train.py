@@ -258,10 +258,12 @@ class Run:
         """Close TensorBoard, print the final evaluation beside random init, leave the process group."""
         import torch
 
+        from adclr.evaluation.during_training import run_summary
+
         if self.writer:
             self.writer.close()
         if evaluation:
-            self.log(summary(self.cfg, evaluation))
+            self.log(run_summary(self.cfg, evaluation))
         if self.dist_info.enabled:
             torch.distributed.destroy_process_group()
 
@@ -502,13 +504,14 @@ class Evaluator:
         return epoch == self.run.cfg.optim.epochs or bool(every and epoch % every == 0)
 
     def __call__(self, teacher_backbone) -> dict:
+        from adclr.evaluation.during_training import evaluate_run
         from adclr.train_step import random_init_backbone
 
         run = self.run
         if not self.baseline:  # the same architecture at its initialisation, evaluated once per run
             init = random_init_backbone(run.cfg).to(run.device)
-            self.baseline = evaluate(run.cfg, init, run.device, "random_init", run.dist_info)
-        self.latest = {**evaluate(run.cfg, teacher_backbone, run.device, "teacher", run.dist_info), **self.baseline}
+            self.baseline = evaluate_run(run.cfg, init, run.device, "random_init", run.dist_info)
+        self.latest = {**evaluate_run(run.cfg, teacher_backbone, run.device, "teacher", run.dist_info), **self.baseline}
         return self.latest
 
 
@@ -554,50 +557,6 @@ def describe_preset(cfg: TrainConfig, flags: dict, chosen: bool) -> str:
     overridden = {name: flags[name] for name in values if name in flags}
     if overridden:
         line += "; overridden by flags: " + ", ".join(f"{name}={value}" for name, value in overridden.items())
-    return line
-
-
-def evaluate(cfg: TrainConfig, backbone, device, name: str, dist_info) -> dict:
-    """Weighted k-NN on CLS features (``--eval_data_path``, else the built-in scenes, which add the linear
-    segmentation probe on patch features); keys carry ``name`` (teacher or random_init). Every process
-    calls it under torchrun: the images are sharded over them."""
-    from adclr.evaluate import EvalConfig, evaluate_backbone
-
-    eval_data_path = cfg.run.eval_data_path
-    config = EvalConfig(
-        data_path=eval_data_path,
-        image_size=cfg.data.global_size,
-        resize_size=None if eval_data_path else cfg.data.global_size,  # DINO's 256/224 resize on real images
-        num_workers=cfg.data.num_workers if eval_data_path else 0,  # the built-in scenes are made in memory
-        builtin_train_size=cfg.data.builtin_train_size,
-        builtin_val_size=cfg.data.builtin_test_size,
-        seed=cfg.run.seed,
-        builtin_val_split=cfg.run.builtin_eval_split,
-    )
-    try:
-        results = evaluate_backbone(backbone, config, device, dist_info)
-    except ValueError as error:  # the evaluation folder's images (no image in a class, an unreadable one)
-        if not eval_data_path:
-            raise
-        raise UserError(f"--eval_data_path {eval_data_path}: {error}") from None
-    return {f"{key}_{name}": value for key, value in results.items()}
-
-
-def summary(cfg: TrainConfig, evaluation: dict) -> str:
-    """One line: the teacher's metrics next to the same architecture at random initialisation."""
-    from adclr.data import SyntheticScenes
-
-    where = cfg.run.eval_data_path or f"the built-in scenes ({cfg.run.builtin_eval_split} split)"
-    chance = "" if cfg.run.eval_data_path else f", chance: {100 / SyntheticScenes.num_classes:.1f}%"
-    line = (
-        f"k-NN top-1 on {where}: {evaluation['knn_top1_teacher']:.1f}% "
-        f"(random init: {evaluation['knn_top1_random_init']:.1f}%{chance})"
-    )
-    if "dense_miou_teacher" in evaluation:
-        line += (
-            f"; dense linear-probe mIoU: {evaluation['dense_miou_teacher']:.1f}% "
-            f"(random init: {evaluation['dense_miou_random_init']:.1f}%)"
-        )
     return line
 
 

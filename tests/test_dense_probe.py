@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from adclr.augment import IMAGENET_MEAN, IMAGENET_STD
 from adclr.data import SEGMENTATION_CLASSES, SyntheticScenes
-from adclr.eval_seg import seg_probe, seg_transform
-from adclr.evaluate import BackboneFeatures
+from adclr.evaluation.features import BackboneFeatures
+from adclr.evaluation.seg import seg_probe, seg_transform
 
 SIZE, CLASSES = 48, len(SEGMENTATION_CLASSES)
 LEVEL = 30  # an encoded scene's pixel value per class index
@@ -65,7 +65,7 @@ def test_pictures_show_image_true_mask_and_prediction_side_by_side(tmp_path):
     the right one the oracle's prediction, which matches it."""
     from PIL import Image
 
-    from adclr.eval_seg import _palette, seg_pictures, train_seg_head
+    from adclr.evaluation.seg import _palette, seg_pictures, train_seg_head
 
     head, num_classes, grid, backbone, val_set, _ = train_seg_head(
         OracleBackbone(),
@@ -97,7 +97,7 @@ def test_the_command_writes_its_pictures(tmp_path):
     from eval_utils import random_vit, write_export
 
     from adclr.data import write_scenes
-    from adclr.eval_seg import main
+    from adclr.evaluation.seg import main
 
     write_scenes(str(tmp_path / "scenes"), train_size=6, val_size=3, size=32, seed=1)
     weights = write_export(random_vit(), tmp_path / "backbone.safetensors")

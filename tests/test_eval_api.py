@@ -14,7 +14,8 @@ from PIL import Image
 from adclr import train_step
 from adclr.checkpoint import load_backbone, save_checkpoint
 from adclr.data import SEGMENTATION_CLASSES, SHAPES, LabelledImages, SegmentationFolder, SyntheticScenes, write_scenes
-from adclr.evaluate import EvalConfig, FrozenBackbone, evaluate_backbone, load_frozen_backbone
+from adclr.evaluation.during_training import EvalConfig, evaluate_backbone
+from adclr.evaluation.features import FrozenBackbone, load_frozen_backbone
 
 CPU = torch.device("cpu")
 
@@ -122,7 +123,7 @@ def test_written_scenes_read_back_exactly(tmp_path):
 
 def test_evaluate_backbone_is_seeded_and_leaves_the_caller_alone(tmp_path):
     model = random_vit().train()
-    config = EvalConfig(image_size=SIZE, resize_size=SIZE, builtin_train_size=36, builtin_val_size=18, seg_epochs=2)
+    config = EvalConfig(image_size=SIZE, resize_size=SIZE, builtin_train_size=36, builtin_test_size=18, seg_epochs=2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first = evaluate_backbone(model, config, CPU)

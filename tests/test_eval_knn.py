@@ -16,8 +16,8 @@ from eval_utils import SIZE, random_vit, write_colour_classes, write_export
 
 from adclr.data import LabelledImages, SyntheticScenes, write_scenes
 from adclr.distributed import DistInfo
-from adclr.eval_knn import knn_evaluate, knn_votes, main, weighted_knn
-from adclr.evaluate import as_frozen, eval_transform, extract_features
+from adclr.evaluation.features import as_frozen, eval_transform, extract_features
+from adclr.evaluation.knn import knn_evaluate, knn_votes, main, weighted_knn
 
 CPU = torch.device("cpu")
 

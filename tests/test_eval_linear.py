@@ -7,8 +7,8 @@ import pytest
 import torch
 from eval_utils import SIZE, random_vit, write_colour_classes, write_export
 
-from adclr.eval_linear import default_probe_features, main, probe_input
-from adclr.evaluate import FrozenBackbone
+from adclr.evaluation.features import FrozenBackbone
+from adclr.evaluation.linear import default_probe_features, main, probe_input
 
 
 def test_probe_input_is_last_blocks_cls_then_mean_patch():

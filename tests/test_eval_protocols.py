@@ -19,15 +19,15 @@ from engine_utils import batch, tiny_config
 from eval_utils import save_png, write_colour_classes, write_colour_segmentation
 from torch.utils.data import TensorDataset
 
-import adclr.eval_knn
-import adclr.eval_linear
-import adclr.eval_seg
 from adclr import train_step
 from adclr.checkpoint import load_backbone, save_checkpoint
-from adclr.eval_knn import knn_evaluate, weighted_knn
-from adclr.eval_linear import LinearClassifier, validate
-from adclr.eval_seg import score_seg_probe, seg_probe, seg_transform
-from adclr.evaluate import BackboneFeatures, load_frozen_backbone
+from adclr.evaluation import knn as eval_knn
+from adclr.evaluation import linear as eval_linear
+from adclr.evaluation import seg as eval_seg
+from adclr.evaluation.features import BackboneFeatures, load_frozen_backbone
+from adclr.evaluation.knn import knn_evaluate, weighted_knn
+from adclr.evaluation.linear import LinearClassifier, validate
+from adclr.evaluation.seg import score_seg_probe, seg_probe, seg_transform
 from adclr.export import load_exported
 from adclr.export import main as export_main
 from adclr.schedules import StepSettings
@@ -318,18 +318,18 @@ def _same_network(cls, checkpoint, branch) -> bool:
 
 def _stub_results(module):
     """What each command's protocol function returns, without running it."""
-    if module is adclr.eval_knn:
+    if module is eval_knn:
         return lambda *args, ks, **kwargs: {k: {"top1": 0.0, "top5": None} for k in ks}
-    if module is adclr.eval_linear:
+    if module is eval_linear:
         record = {"epoch": 1, "top1": 0.0, "top5": None, "loss": 0.0}
         return lambda *a, **kw: {**record, "best_top1": 0.0, "best_epoch": 1, "history": [record]}
     return lambda *a, **kw: {"miou": 0.0, "per_class_iou": [0.0], "pixel_accuracy": 0.0, "pixels": 1, "num_classes": 1}
 
 
-@pytest.mark.parametrize("module", [adclr.eval_knn, adclr.eval_linear, adclr.eval_seg], ids=["knn", "linear", "seg"])
+@pytest.mark.parametrize("module", [eval_knn, eval_linear, eval_seg], ids=["knn", "linear", "seg"])
 @pytest.mark.parametrize("which", [None, "teacher", "student"])
 def test_commands_evaluate_the_teacher_unless_told(module, which, checkpoint, tmp_path, monkeypatch):
-    name = {adclr.eval_knn: "knn_evaluate", adclr.eval_linear: "linear_probe", adclr.eval_seg: "seg_probe"}[module]
+    name = {eval_knn: "knn_evaluate", eval_linear: "linear_probe", eval_seg: "seg_probe"}[module]
     used = []
     stub = _stub_results(module)
 
@@ -339,16 +339,16 @@ def test_commands_evaluate_the_teacher_unless_told(module, which, checkpoint, tm
 
     monkeypatch.setattr(module, name, spy)
     for split in ("train", "val"):
-        if module is adclr.eval_seg:
+        if module is eval_seg:
             write_colour_segmentation(tmp_path / "data" / split, 1, seed=0)
         else:
             write_colour_classes(tmp_path / "data" / split, per_class=1, seed=0)
     argv = ["--weights", checkpoint, "--data_path", str(tmp_path / "data"), "--image_size", "32"]
     argv += ["--num_workers", "0", "--output_dir", str(tmp_path / "out")] + (["--which", which] if which else [])
     knn_flags = ["--nb_knn", "3", "7", "--temperature", "0.5"]  # and the k-NN's settings reach the protocol
-    module.main(argv + (knn_flags if module is adclr.eval_knn else []))
+    module.main(argv + (knn_flags if module is eval_knn else []))
     [(backbone, settings)] = used
-    if module is adclr.eval_knn:
+    if module is eval_knn:
         assert settings["ks"] == (3, 7) and settings["temperature"] == 0.5
     expected = which or "teacher"
     other = {"teacher": "student", "student": "teacher"}[expected]

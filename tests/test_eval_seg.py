@@ -10,8 +10,8 @@ from eval_utils import SIZE, random_vit, save_png, write_colour_segmentation, wr
 from PIL import Image
 
 from adclr.data import SegmentationFolder, SyntheticScenes, write_scenes
-from adclr.eval_seg import confusion_matrix, iou_from_confusion, main, seg_probe, seg_transform
-from adclr.evaluate import as_frozen
+from adclr.evaluation.features import as_frozen
+from adclr.evaluation.seg import confusion_matrix, iou_from_confusion, main, seg_probe, seg_transform
 
 CPU = torch.device("cpu")
 

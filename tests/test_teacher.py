@@ -15,7 +15,7 @@ from engine_utils import CPU, batch, reference_outputs, tiny_config
 from eval_utils import write_colour_classes
 
 from adclr import train_step
-from adclr.evaluate import EvalConfig, evaluate_backbone
+from adclr.evaluation.during_training import EvalConfig, evaluate_backbone
 from adclr.schedules import StepSettings
 
 SETTINGS = StepSettings(lr=0.01, weight_decay=0.04, teacher_temp=0.07, momentum=0.9, freeze_last_layer=False)
@@ -110,7 +110,7 @@ def test_ema_covers_every_parameter_even_a_frozen_last_layer():
 def test_trainer_evaluation_runs_the_backbone_in_eval_mode(tmp_path, monkeypatch):
     """The trainer evaluates its teacher while it is in train mode; the k-NN features must come from eval mode
     (a student evaluated with --which student has drop-path), and the mode is given back afterwards."""
-    import adclr.eval_knn
+    import adclr.evaluation.during_training
 
     write_colour_classes(tmp_path / "train", per_class=2, seed=0)
     write_colour_classes(tmp_path / "val", per_class=1, seed=1)
@@ -127,7 +127,7 @@ def test_trainer_evaluation_runs_the_backbone_in_eval_mode(tmp_path, monkeypatch
             torch.testing.assert_close(frozen(images).cls, expected)
         return {k: {"top1": 0.0, "top5": None} for k in ks}
 
-    monkeypatch.setattr(adclr.eval_knn, "knn_evaluate", spy)
+    monkeypatch.setattr(adclr.evaluation.during_training, "knn_evaluate", spy)
     size = config.data.global_size
     evaluate_backbone(backbone, EvalConfig(data_path=str(tmp_path), image_size=size, resize_size=size), CPU)
     assert modes == [False]

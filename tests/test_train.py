@@ -325,7 +325,7 @@ def test_eval_data_path_drives_the_evaluation(tmp_path):
     """--eval_data_path: the k-NN runs on that folder (the teacher's number equals evaluate_backbone's
     on the checkpoint's teacher), without the built-in dense probe; a bad folder stops before training."""
     from adclr.data import write_scenes
-    from adclr.evaluate import EvalConfig, evaluate_backbone
+    from adclr.evaluation.during_training import EvalConfig, evaluate_backbone
 
     write_scenes(str(tmp_path / "scenes"), train_size=30, val_size=12, size=48, seed=5)
     folder = str(tmp_path / "scenes" / "classification")

@@ -1,19 +1,18 @@
-"""Evaluation of a frozen backbone: the pieces ``eval_knn``, ``eval_linear`` and ``eval_seg`` share, and
-``evaluate_backbone``, the evaluation the trainer runs.
+"""What every evaluation reads from a frozen backbone, and on which images.
 
+- ``eval_transform``: DINO's evaluation resize and centre crop.
 - ``load_frozen_backbone``: a ``train.py`` checkpoint (teacher or student), an exported safetensors file,
   or a timm model name with local weights, so ADCLR and other backbones go through the same protocol.
 - ``FrozenBackbone``: one interface over ADCLR's ViT and timm's ``VisionTransformer``: the CLS token, the
   CLS tokens of the last n blocks and the patch tokens, all after the final norm (as DINO reads them).
+- ``labelled_splits``: the ``train/`` and ``val/`` ImageFolder trees of a data folder, checked to agree.
 - ``extract_features``: batched, bf16 on CUDA, sharded over torchrun processes and gathered back into
   dataset order, so many GPUs give what one gives.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -27,13 +26,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import BRANCHES, load_backbone
-from .cli import INTERRUPTED
-from .data import SEGMENTATION_CLASSES, LabelledImages, SyntheticScenes, check_same_classes
-from .distributed import DistInfo, init_distributed
-from .export import load_exported
-from .files import atomic_write
+from ..augment import IMAGENET_MEAN, IMAGENET_STD
+from ..checkpoint import BRANCHES, load_backbone
+from ..data import LabelledImages, check_same_classes
+from ..distributed import DistInfo
+from ..export import load_exported
 
 # ---- transforms ------------------------------------------------------------------------------------
 
@@ -168,6 +165,30 @@ def _one_line(error: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# ---- checks and data ------------------------------------------------------------------------------
+
+
+def positive(name: str, value, minimum=1) -> None:
+    """Refuse ``value`` below ``minimum``, naming it ``name``."""
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def split_folders(data_path: str) -> tuple[str, str]:
+    """``data_path``'s ``train/`` and ``val/`` folders (a missing one is refused by the dataset reading it)."""
+    if not os.path.isdir(data_path):
+        raise ValueError(f"data_path {data_path!r} is not a folder; expected a folder with train/ and val/")
+    return os.path.join(data_path, "train"), os.path.join(data_path, "val")
+
+
+def labelled_splits(data_path: str, train_transform, val_transform) -> tuple[LabelledImages, LabelledImages]:
+    """The ``train/`` and ``val/`` ImageFolder trees of ``data_path``, refused unless their classes agree."""
+    train_dir, val_dir = split_folders(data_path)
+    train_set, val_set = LabelledImages(train_dir, train_transform), LabelledImages(val_dir, val_transform)
+    check_same_classes(train_set.classes, val_set.classes)
+    return train_set, val_set
+
+
 # ---- feature extraction ----------------------------------------------------------------------------
 
 
@@ -249,182 +270,3 @@ def extract_features(
         features.index_copy_(0, index, out.cpu())
         targets.index_copy_(0, index, batch_targets.cpu())
     return features, targets
-
-
-# ---- commands ----------------------------------------------------------------------------------------
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, image_size: int, batch_size: int) -> None:
-    """The backbone, data and output flags every evaluation command takes."""
-    model = parser.add_argument_group("backbone")
-    model.add_argument(
-        "--weights",
-        required=True,
-        help="a train.py checkpoint.pth, a .safetensors file from adclr.export, or (with --arch) timm weights",
-    )
-    model.add_argument("--which", choices=BRANCHES, default="teacher", help="network of a train.py checkpoint")
-    model.add_argument(
-        "--arch", help="timm model name whose weights --weights holds, e.g. vit_small_patch16_224.dino (no download)"
-    )
-    data = parser.add_argument_group("data and output")
-    data.add_argument("--data_path", required=True, help="folder with train/ and val/")
-    data.add_argument("--image_size", type=int, default=image_size, help="input side in pixels")
-    data.add_argument("--batch_size_per_gpu", type=int, default=batch_size)
-    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    data.add_argument(
-        "--num_workers", type=int, default=workers, help=f"data-loading processes per GPU (default: {workers} here)"
-    )
-    data.add_argument("--output_dir", default=".", help="where the results JSON goes")
-    data.add_argument("--seed", type=int, default=0)
-
-
-def check_image_size(backbone: FrozenBackbone, image_size: int, flag: str = "--image_size") -> None:
-    """Refuse an input side that is not whole patches of ``backbone`` (timm would assert deep inside)."""
-    patch = backbone.patch_size
-    if image_size % patch:
-        below, above = image_size - image_size % patch, image_size - image_size % patch + patch
-        nearest = f"{below} or {above}" if below else str(above)
-        raise ValueError(f"{flag} {image_size} must be a multiple of the backbone's patch size {patch}, e.g. {nearest}")
-
-
-def positive(name: str, value, minimum=1) -> None:
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-
-
-def split_folders(data_path: str) -> tuple[str, str]:
-    if not os.path.isdir(data_path):
-        raise ValueError(f"data_path {data_path!r} is not a folder; expected a folder with train/ and val/")
-    return os.path.join(data_path, "train"), os.path.join(data_path, "val")
-
-
-def setup_device() -> tuple[torch.device, DistInfo]:
-    """CUDA (the local rank's GPU under torchrun) when present, else the CPU; joins torchrun's process group."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    return device, dist_info
-
-
-def backbone_description(args: argparse.Namespace) -> dict:
-    checkpoint = not args.arch and not args.weights.endswith(".safetensors")
-    return {"weights": args.weights, "which": args.which if checkpoint else None, "arch": args.arch}
-
-
-def write_results(output_dir: str, name: str, results: dict) -> str:
-    """``output_dir/name`` written atomically with the user's umask (NaN-free JSON); returns its path."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, name)
-    text = json.dumps(results, indent=2, allow_nan=False) + "\n"  # refuses NaN before the file is touched
-    with atomic_write(path, "w") as f:
-        f.write(text)
-    return path
-
-
-def run_command(parser: argparse.ArgumentParser, argv, body: Callable[[argparse.Namespace], None]) -> None:
-    """Parse ``argv`` and run ``body``; bad input ends with one ``error:`` line and exit status 2."""
-    args = parser.parse_args(argv)
-    try:
-        body(args)
-    except ValueError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(INTERRUPTED, "interrupted (Ctrl-C)\n")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ---- the trainer's evaluation -------------------------------------------------------------------------
-
-
-@dataclass
-class EvalConfig:
-    """What ``evaluate_backbone`` evaluates on, and how.
-
-    ``data_path``: a folder with ``train/`` and ``val/`` ImageFolder trees for the k-NN; ``None`` uses
-    the built-in scenes (``builtin_*`` sizes at ``image_size`` px, ``seed``; val from
-    ``builtin_val_split``: ``test``, or ``holdout`` for choosing settings) and adds the dense probe on
-    their masks (the first half of the train scenes, every val scene). The scenes
-    are generated in memory (a few milliseconds each, cached); reading them from ``write_scenes``
-    folders through the commands' datasets gives the same numbers (tests/test_eval_*.py check it).
-    """
-
-    data_path: str | None = None
-    image_size: int = 224
-    resize_size: int | None = None  # None: DINO's image_size * 256 / 224
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 128
-    num_workers: int = 0
-    seed: int = 0
-    builtin_train_size: int = 1600
-    builtin_val_size: int = 600
-    builtin_val_split: str = "test"  # or "holdout": train-distribution scenes never trained on
-    seg_epochs: int = 10  # the dense probe on the built-in masks: small images, so larger batches
-    seg_lr: float = 1e-2
-    seg_batch_size: int = 64
-
-
-def evaluate_backbone(
-    backbone: nn.Module, config: EvalConfig, device: torch.device, dist_info: DistInfo | None = None
-) -> dict[str, float]:
-    """The trainer's periodic and final evaluation of ``backbone`` (ADCLR's ViT or a timm ViT).
-
-    Returns ``knn_top1`` and ``knn_top5`` (weighted k-NN on the CLS token, ``config.k`` neighbours,
-    ``eval_knn``'s code; top-5 only with more than 5 classes) and, on the built-in data,
-    ``dense_miou`` (``eval_seg``'s linear segmentation probe on the scenes' masks). Seeded: the same
-    backbone gives the same numbers, and the caller's random state is left untouched. Without
-    ``dist_info`` it runs in the calling process alone (no collectives); with torchrun's ``dist_info``
-    every process must call it: each extracts a shard of the images and every one gets the same
-    results. The backbone's train/eval mode is restored.
-    """
-    from .eval_knn import knn_evaluate  # the protocol modules import this one, hence the late imports
-    from .eval_seg import seg_probe, seg_transform
-
-    was_training = backbone.training
-    frozen = as_frozen(backbone).eval()
-    transform = eval_transform(config.image_size, config.resize_size)
-    size, seed = config.image_size, config.seed
-    if config.data_path:
-        train_dir, val_dir = split_folders(config.data_path)
-        train_set, val_set = LabelledImages(train_dir, transform), LabelledImages(val_dir, transform)
-        check_same_classes(train_set.classes, val_set.classes)
-    else:
-        train_set = SyntheticScenes(config.builtin_train_size, size, "train", seed, transform)
-        val_set = SyntheticScenes(config.builtin_val_size, size, config.builtin_val_split, seed, transform)
-    knn = knn_evaluate(
-        frozen,
-        train_set,
-        val_set,
-        num_classes=len(train_set.classes),
-        ks=(config.k,),
-        temperature=config.temperature,
-        batch_size=config.batch_size,
-        device=device,
-        num_workers=config.num_workers,
-        dist_info=dist_info,
-    )
-    results = {"knn_top1": knn[config.k]["top1"]}
-    if knn[config.k]["top5"] is not None:
-        results["knn_top5"] = knn[config.k]["top5"]
-    if not config.data_path:  # half the train scenes keep the probe's cost down
-        seg_train_transform, seg_val_transform = seg_transform(size, resize_mask=True), seg_transform(size)
-        seg = seg_probe(
-            frozen,
-            SyntheticScenes(config.builtin_train_size // 2, size, "train", seed, seg_train_transform, "mask"),
-            SyntheticScenes(config.builtin_val_size, size, config.builtin_val_split, seed, seg_val_transform, "mask"),
-            num_classes=len(SEGMENTATION_CLASSES),
-            epochs=config.seg_epochs,
-            lr=config.seg_lr,
-            batch_size=config.seg_batch_size,
-            extract_batch_size=config.batch_size,
-            device=device,
-            num_workers=config.num_workers,
-            dist_info=dist_info,
-            seed=config.seed,
-        )
-        results["dense_miou"] = seg["miou"]
-    backbone.train(was_training)
-    return results
