@@ -427,6 +427,12 @@ def tuned_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dt
 
 def auto_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params, mode: str) -> str:
     """``backend="auto"`` on an sm80+ GPU: the tuned table's backend for the key and ``mode`` (``fwd``
-    or ``fwd+bwd``), else ``default_backend``."""
+    or ``fwd+bwd``), else ``default_backend``. Decided once per call key, tables folder and table
+    generation (``clear_table_cache`` bumps it)."""
+    return _auto_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode, tiles_dir(), _table_generation[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode, directory, generation) -> str:
     tuned = tuned_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode)
     return tuned or default_backend(seq_len, head_dim, dtype, kernel_params, mode)

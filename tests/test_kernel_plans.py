@@ -10,7 +10,7 @@ import pytest
 import torch
 from attention_utils import check_table_file, max_error
 
-from adclr.kernels import AttentionLayout, adclr_attention, attention, plans
+from adclr.kernels import AttentionLayout, adclr_attention, attention, device, plans
 from adclr.kernels import triton_attention as ops
 
 FAKE_GPU = "Fake GPU 9000 80GB"
@@ -274,7 +274,7 @@ def test_the_table_check_rejects_a_broken_table(change, why, tmp_path):
 def fake_gpu(monkeypatch, tiles_dir):
     """``auto`` behaves as on an sm80+ GPU named FAKE_GPU (the tensors stay on CPU)."""
     monkeypatch.setattr(attention, "triton_is_default", lambda device: True)
-    monkeypatch.setattr(attention, "device_name", lambda device: FAKE_GPU)
+    monkeypatch.setattr(attention.device, "table_key", lambda target: FAKE_GPU)
     return tiles_dir
 
 
@@ -455,7 +455,8 @@ def test_the_per_call_plan_cache_sees_tables_forced_plans_and_autotune(tiles_dir
     """Each call's plan is decided once per shape key and cached; the cache must still follow a table
     read afresh, a forced plan entered and ADCLR_AUTOTUNE set between two identical calls."""
     monkeypatch.setattr(ops, "_interpreting", lambda t: False)  # as on a GPU named FAKE_GPU
-    monkeypatch.setattr(ops, "_device_info", lambda index: (FAKE_GPU, (9, 0)))
+    monkeypatch.setattr(device, "_name", lambda index: FAKE_GPU)
+    monkeypatch.setattr(device, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     q = torch.zeros(1, 2, 207, 64, dtype=torch.bfloat16)
     assert ops._call_context(q, PARAMS_207) == (plans.default_plan(207, 64, torch.bfloat16), (9, 0))
