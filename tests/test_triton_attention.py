@@ -24,6 +24,7 @@ from attention_utils import (
 )
 
 from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans, triton_attention
+from adclr.kernels.attention import model_attention, model_attention_packed
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
 from bench.common import VIT_SHAPES
 
@@ -334,6 +335,61 @@ def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
     (grad,) = torch.autograd.grad(out, qkv, do)
     (grad_ref,) = torch.autograd.grad(expected, qkv64, do.double())
     assert max_error(out, expected) < 1e-5 and max_error(grad, grad_ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference", "auto"])
+def test_the_model_path_computes_what_the_public_api_does(backend):
+    """``model_attention[_packed]`` (what ``adclr.model`` calls, without the public checks) against
+    the float64 reference, forward and gradient, both forms; a layout of another length is refused
+    (the kernels would read past the tensors). Catches a fast path that splits qkv or orders its
+    strides wrongly, or that skips the one check that guards memory."""
+    layout = AttentionLayout(13, 3, 1, "raw+self")
+    scale = 16**-0.5
+    qkv = torch.randn(2, layout.length, 3, 2, 16, device=KERNEL_DEVICE if backend == "triton" else "cpu")
+    qkv64 = qkv.double().requires_grad_()
+    expected = adclr_attention_packed(qkv64, layout, backend="reference")
+    do = torch.randn_like(expected)
+    (grad_ref,) = torch.autograd.grad(expected, qkv64, do)
+
+    out = model_attention_packed(qkv.requires_grad_(), layout, scale, 0.0, backend)
+    (grad,) = torch.autograd.grad(out, qkv, do.to(qkv.dtype))
+    assert max_error(out, expected) < 1e-5 and max_error(grad, grad_ref) < 1e-5
+    q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4))
+    out4 = model_attention(q, k, v, layout, scale, 0.0, backend)
+    grads = torch.autograd.grad(out4, (q, k, v), do.to(qkv.dtype).transpose(1, 2))
+    assert max_error(out4.transpose(1, 2), expected) < 1e-5
+    assert max_error(torch.stack(grads, 2).permute(0, 3, 2, 1, 4), grad_ref) < 1e-5
+    with pytest.raises(ValueError, match="sequence length"):
+        model_attention_packed(qkv, AttentionLayout(14, 3), scale, 0.0, backend)
+    with pytest.raises(ValueError, match="sequence length"):
+        model_attention(q, k, v, AttentionLayout(12, 3), scale, 0.0, backend)
+
+
+def test_the_backward_runs_the_plan_its_forward_resolved(monkeypatch):
+    """The forward's plan travels to its backward (``CallContext``): a backward run after the forced
+    plan was left still runs that plan's variant, not a fresh resolution's. Catches a backward that
+    resolves its plan again (a second lookup per call, and a mismatch with the forward's
+    log-sum-exp layout if the state changed in between)."""
+    ran = []
+    real = triton_attention.run_launches
+    monkeypatch.setattr(
+        triton_attention,
+        "run_launches",
+        lambda launches, target: ran.extend(x.name for x in launches) or real(launches, target),
+    )
+    layout = AttentionLayout(13, 3, 1, "prefix+raw")
+    assert plans.default_plan(layout.length, 16, torch.float32, interpreting=KERNEL_DEVICE != "cuda").bwd == "fused"
+    forced = plan("short", layout.length, 16, torch.float32)
+    qkv = torch.randn(1, layout.length, 3, 2, 16, device=KERNEL_DEVICE)
+    qkv64 = qkv.double().requires_grad_()
+    expected = adclr_attention_packed(qkv64, layout, backend="reference")
+    with plans.forced_plan(forced):
+        out = adclr_attention_packed(qkv.requires_grad_(), layout, backend="triton")
+    do = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    (grad_ref,) = torch.autograd.grad(expected, qkv64, do.double())
+    assert ran == ["v2_fwd", "short"]
+    assert max_error(grad, grad_ref) < 1e-5
 
 
 def test_compiles_without_graph_break():
