@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
 
 from adclr.kernels import LAYOUT_NAMES, QUERY_KEY_RULES, reference_attention
+from adclr.kernels import device as kernel_device
 from bench.common import DTYPES, VIT_SHAPES, Case, median_ms
 from bench.providers import attention_bytes, attention_flops, make_providers
 from bench.report import Report
@@ -189,7 +189,7 @@ def main(argv=None) -> str:
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = kernel_device.interpreter_enabled()
     if device.type == "cpu" and not interpreting:
         raise SystemExit(f"on CPU the Triton kernel runs in the interpreter; the CPU smoke test is:\n  {CPU_COMMAND}")
     if device.type == "cuda" and interpreting:

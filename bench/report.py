@@ -20,9 +20,10 @@ PEERS = ("paper", "sdpa_mask", "sdpa_sliced", "flex", "flex_eager", "xformers") 
 def device_stamp(device: torch.device) -> dict:
     import triton
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    from adclr.kernels import device as kernel_device  # here: ``summary`` runs without the package
+
     return {
-        "device": name,
+        "device": kernel_device.name(device),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

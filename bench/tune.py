@@ -46,6 +46,7 @@ import time
 import torch
 
 from adclr.kernels import adclr_attention_packed, plans
+from adclr.kernels import device as kernel_device
 from adclr.kernels import triton_attention as ops
 from bench.common import DTYPES, ERROR_FLOOR, VIT_SHAPES, Case, interleaved_ms, warm_until_stable
 from bench.report import atomic_write, device_stamp, results_dir
@@ -232,7 +233,7 @@ class Measurement:
         q = self.inputs[0].q
         self.o, self.o_view, self.lse = ops.forward_outputs(q, seq_major=True)
         self.grads, self.grad_views = ops.gradient_outputs(q, seq_major=True)
-        self.capability = torch.cuda.get_device_capability() if device == "cuda" else None
+        self.capability = kernel_device.capability(device)
 
     def _launches(self, candidate: Candidate, x: _Input) -> tuple[list, list]:
         plan = plan_of(candidate, self.case, self.tiny)
@@ -465,7 +466,7 @@ def main(argv=None) -> str:
     parser.add_argument("--table_dir", help="where the table goes (default: $ADCLR_TILES_DIR or kernels/tiles/)")
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = kernel_device.interpreter_enabled()
     if args.device == "cpu" and not (interpreting and args.tiny):
         raise SystemExit("on CPU run the smoke test: TRITON_INTERPRET=1 python -m bench.tune --device cpu --tiny")
     if args.device == "cuda" and interpreting:
