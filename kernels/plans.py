@@ -163,8 +163,9 @@ V2_FUSED_TILES = {
 }
 INTERPRETER_TILES = T(32, 32, 1, 1)  # the CPU interpreter: small blocks exercise boundary and interior paths
 # What the tuner (bench/tune.py) and ADCLR_AUTOTUNE=1 try at head dims <= 64, all free of spills on sm90
-# (bench/compile_check.py); on sm80 the fused 64 x 32 tiles sit at 255 registers and spill (8 bytes
-# with triton 3.6 without +self). Larger head dims try the table's tile only.
+# (bench/compile_check.py). On sm80 the fused 64 x 32 tiles build without spills with triton 3.8 (236-237
+# registers, 255 with +self); triton 3.6 spilled 8 bytes without +self (bench/NOTES.md). Larger head dims
+# try the table's tile only.
 FWD_CANDIDATES = (
     T(64, 64, 4, 2),
     T(64, 64, 4, 3),
