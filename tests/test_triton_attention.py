@@ -445,6 +445,40 @@ def test_gpu_real_shapes(shape, rule, dtype):
     check_against_reference(q, k, v, layout, D**-0.5, "packed", dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["short", "fused"])
+def test_gpu_call_replays_from_a_cuda_graph(variant):
+    """The benchmarks time our call as replays of a CUDA graph (``bench.common.capture_graph``): the
+    whole packed call, forward and backward, must capture, and a replay on new inputs copied into
+    the captured ones must give what an eager call gives on them (the same kernels: bit for bit)."""
+    from bench.common import capture_graph
+
+    layout = AttentionLayout(37, 10, 1, "prefix+raw")
+    forced = plan(variant, layout.length, 64, torch.bfloat16)
+    qkv = torch.randn(8, layout.length, 3, 6, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    do = torch.randn(8, layout.length, 6, 64, dtype=torch.bfloat16, device="cuda")
+    captured = {}
+
+    def call():
+        with plans.forced_plan(forced):
+            captured["out"] = adclr_attention_packed(qkv, layout, backend="triton")
+            captured["out"].backward(do)
+
+    graph = capture_graph(call, "cuda", grad_to_none=[qkv])
+    fresh, fresh_do = torch.randn_like(qkv), torch.randn_like(do)
+    with torch.no_grad():
+        qkv.copy_(fresh)
+        do.copy_(fresh_do)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed_out, replayed_grad = captured["out"].detach().clone(), qkv.grad.clone()
+    x = fresh.clone().requires_grad_()
+    with plans.forced_plan(forced):
+        out = adclr_attention_packed(x, layout, backend="triton")
+    (grad,) = torch.autograd.grad(out, x, fresh_do)
+    assert torch.equal(replayed_out, out) and torch.equal(replayed_grad, grad)
+
+
 GPU_VARIANT_SHAPES = [("short", "vit_s16_local96"), ("fused", "vit_s16_local96"), ("fused", "vit_s16_global")]
 GPU_VARIANT_SHAPES += [("fused", "vit_s8_global")]
 
