@@ -214,7 +214,7 @@ def _capture_or_why(fn, device, grad_to_none):
         return None, text if text == "no CUDA graphs on CPU" else f"capture failed: {type(error).__name__}: {text}"
 
 
-def graph_ms(fn, device, grad_to_none=None, warmup: int = 25, rep: int = 50) -> tuple[float | None, str]:
+def graph_ms(fn, device, grad_to_none=None, warmup: int = 10, rep: int = 50) -> tuple[float | None, str]:
     """``(median ms of replays of fn's CUDA graph, "")``, or ``(None, why not)``: replays timed as
     ``median_ms`` times a call (L2 flushed before each)."""
     graph, why = _capture_or_why(fn, device, grad_to_none)
