@@ -143,3 +143,16 @@ def test_attention_benchmark_reports_gpu_time_and_python_cost(tmp_path, monkeypa
     assert "| ms | eager_ms | python_ms | timing |" in header
     summary = "\n".join(report.attention_summary(rows))
     assert "ours' Python cost per call (eager - graph, ms): tiny raw fp32 fwd" in summary
+
+
+@pytest.mark.parametrize("path", ["model", "floor"])
+def test_overhead_benchmark_times_the_model_path_and_the_floor(path, capsys):
+    """``--path model`` times what ``adclr.model`` calls, ``--path floor`` an empty autograd function;
+    both with the launches stubbed (a launch that ran would take the interpreter seconds per call)."""
+    real = triton_attention.Launch.__call__
+    overhead.main(["--path", path, "--repeats", "3", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{path} path per call")
+    times = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert set(times) == {"fwd", "fwd+bwd"} and all(0 < us < 1e4 for us in times.values())
+    assert triton_attention.Launch.__call__ is real
