@@ -18,14 +18,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .choices import ARCHS
 from .heads import HeadFeatures
-from .kernels import AttentionLayout, adclr_attention, adclr_attention_packed, reference_probabilities
+from .kernels import AttentionLayout, reference_probabilities
+from .kernels.attention import model_attention, model_attention_packed
 
 
 class ADCLRAttention(Attention):
     """timm's ``Attention`` whose ``attn_mask`` may be an ``AttentionLayout`` (ADCLR's unidirectional mask).
 
-    With a layout (or no mask) it calls ``adclr_attention`` on ``self.backend``; a tensor mask falls
-    back to SDPA so the module stays a drop-in for timm.
+    With a layout (or no mask) it runs ADCLR attention on ``self.backend`` through the kernels' model
+    path (the public API's checks hold by construction here; the backend name was checked when set);
+    a tensor mask falls back to SDPA so the module stays a drop-in for timm.
     """
 
     backend: str = "auto"
@@ -48,11 +50,11 @@ class ADCLRAttention(Attention):
         else:
             layout = attn_mask if attn_mask is not None else AttentionLayout(N, 0, 0)
             if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
-                out = adclr_attention_packed(qkv, layout, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+                out = model_attention_packed(qkv, layout, self.scale, dropout_p, self.backend)
             else:
                 q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
                 q, k = self.q_norm(q), self.k_norm(k)
-                out = adclr_attention(q, k, v, layout, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+                out = model_attention(q, k, v, layout, self.scale, dropout_p, self.backend)
                 out = out.transpose(1, 2)
         out = self.norm(out.reshape(B, N, self.attn_dim))
         return self.proj_drop(self.proj(out))

@@ -4,8 +4,12 @@
     python -m bench.attention --sweep                 # also a sweep over L
     TRITON_INTERPRET=1 python -m bench.attention --device cpu --tiny   # smoke test of the harness
 
-Median time (CUDA events via triton.testing.do_bench, after warm-up, rotating through input sets
-larger than L2 so the cache is not what gets measured), TFLOP/s of the layout's useful work,
+Each call is timed twice: eagerly (CUDA events via triton.testing.do_bench, after warm-up, rotating
+through input sets larger than L2 so the cache is not what gets measured): the GPU work plus the
+host time the GPU waits for; and as replays of a CUDA graph of the same call (L2 flushed before each):
+the GPU work alone. ``ms`` is the GPU time (the eager time, marked in ``timing``, for a provider that
+cannot be captured), ``eager_ms`` the eager one, ``python_ms`` their difference (the host's cost per
+call). From ``ms``: TFLOP/s of the layout's useful work,
 achieved GB/s against the fewest bytes, peak extra memory, max error against float64, and each
 provider's time as a ratio to ours (> 1: ours is faster). The Markdown table and the CSV under
 ``bench/results/<date>_<device>/`` are rewritten after every case, so a run cut short keeps what it
@@ -17,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
 
 from adclr.kernels import LAYOUT_NAMES, QUERY_KEY_RULES, reference_attention
-from bench.common import DTYPES, VIT_SHAPES, Case, median_ms
+from adclr.kernels import device as kernel_device
+from bench.common import DTYPES, VIT_SHAPES, Case, Timing, graph_ms, median_ms
 from bench.providers import attention_bytes, attention_flops, make_providers
 from bench.report import Report
 
@@ -46,29 +50,39 @@ def input_sets(batch, heads, length, head_dim, dtype, device, count):
     return sets
 
 
-def benchmark_provider(provider, sets, mode: str, device) -> float:
-    """Median milliseconds of ``mode`` for ``provider``, cycling through the input ``sets``."""
-    counter = iter(range(10**12))
-    leaves = [t for s in sets for t in s[:3]]
+def _call(provider, sets, mode: str):
+    """``call(i)``: ``mode`` of ``provider`` on input set ``i``."""
     if mode == "fwd":
         detached = [[t.detach() for t in s[:3]] for s in sets]
 
-        def fn():
+        def call(i):
             with torch.no_grad():
-                provider(*detached[next(counter) % len(sets)])
+                provider(*detached[i])
     elif mode == "fwd+bwd":
 
-        def fn():
-            q, k, v, do = sets[next(counter) % len(sets)]
+        def call(i):
+            q, k, v, do = sets[i]
             provider(q, k, v).backward(do)
     else:
         outputs = [provider(q, k, v) for q, k, v, _ in sets]
 
-        def fn():
-            i = next(counter) % len(sets)
+        def call(i):
             outputs[i].backward(sets[i][3], retain_graph=True)
 
-    return median_ms(fn, device, leaves)
+    return call
+
+
+def benchmark_provider(provider, sets, mode: str, device) -> Timing:
+    """``mode`` of ``provider`` timed two ways: eagerly, cycling through the input ``sets`` (GPU work
+    plus the host time the GPU waits for), and as replays of a CUDA graph of the call on the first set
+    (the GPU work alone; L2 is flushed before every replay, so the fixed inputs are not cached). A
+    call that cannot be captured gets its eager time only, and says why."""
+    counter = iter(range(10**12))
+    leaves = [t for s in sets for t in s[:3]]
+    call = _call(provider, sets, mode)
+    eager = median_ms(lambda: call(next(counter) % len(sets)), device, leaves, rep=50)
+    replay, why = graph_ms(lambda: call(0), device, leaves)
+    return Timing(eager, replay, why)
 
 
 def peak_extra_mib(provider, q, k, v, do, device) -> float:
@@ -117,8 +131,9 @@ def run_case(
                     providers["flex_eager"] = fallback
                     times["flex_eager"] = benchmark_provider(fallback, sets, mode, device)
         if "ours" in times:
-            ours_ms[(case, mode)] = times["ours"]
-        for name, ms in times.items():
+            ours_ms[(case, mode)] = times["ours"].gpu_ms
+        for name, timing in times.items():
+            ms = timing.gpu_ms
             provider = providers[name]
             with torch.no_grad():
                 error = math.nan if name == "full_sdpa" else (provider(q0, k0, v0).double() - truth).abs().max().item()
@@ -135,7 +150,7 @@ def run_case(
                     dtype=case.dtype,
                     mode=mode,
                     provider=name,
-                    ms=ms,
+                    **timing.columns(),
                     tflops=attention_flops(layout, case.batch, case.heads, case.head_dim, mode) / (ms * 1e-3) / 1e12,
                     gbps=attention_bytes(
                         case.batch, case.heads, layout.length, case.head_dim, torch.finfo(dtype).bits // 8, mode
@@ -148,7 +163,7 @@ def run_case(
                 )
             )
         if times:
-            progress.append(f"{mode} " + " ".join(f"{n} {ms:.3f}" for n, ms in times.items()))
+            progress.append(f"{mode} " + " ".join(f"{n} {t.gpu_ms:.3f}" for n, t in times.items()))
     return progress
 
 
@@ -189,7 +204,7 @@ def main(argv=None) -> str:
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = kernel_device.interpreter_enabled()
     if device.type == "cpu" and not interpreting:
         raise SystemExit(f"on CPU the Triton kernel runs in the interpreter; the CPU smoke test is:\n  {CPU_COMMAND}")
     if device.type == "cuda" and interpreting:

@@ -1,9 +1,12 @@
 """What the benchmarks, the tuner and the tests share: the real ViT attention shapes, one benchmark
-case, the dtype names, the accuracy rule's floor and the median timer."""
+case, the dtype names, the accuracy rule's floor, the median timers, and the two ways a call is
+timed (``Timing``): eagerly, as a model makes it (GPU work plus whatever host time the GPU waits
+for), and replayed from a CUDA graph (the GPU work alone)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 
@@ -140,3 +143,102 @@ def warm_until_stable(device, max_s: float = 15.0, tolerance: float = 0.02, log=
     spent = time.perf_counter() - begin
     log(f"GPU warm-up: {spent:.1f} s, {len(batches)} batches, last {batches[-1]:.2f} ms", flush=True)
     return spent
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU time apart from the Python path: CUDA-graph replay
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One call timed two ways. ``eager_ms``: the call as made, CUDA events around it (the GPU work,
+    plus the host time the GPU sat waiting for: the Python path, Triton's launcher). ``graph_ms``:
+    the same call captured once in a CUDA graph and replayed (the GPU work alone), None where it could
+    not be captured (``note`` says why). Decisions use ``gpu_ms``, the graph time where there is one,
+    else the eager time; ``python_ms`` is what the host adds, eager minus graph."""
+
+    eager_ms: float
+    graph_ms: float | None
+    note: str = ""
+
+    @property
+    def gpu_ms(self) -> float:
+        return self.eager_ms if self.graph_ms is None else self.graph_ms
+
+    @property
+    def python_ms(self) -> float:
+        return math.nan if self.graph_ms is None else self.eager_ms - self.graph_ms
+
+    @property
+    def source(self) -> str:
+        """``graph``, or ``eager (why there is no graph time)``: the timing column of the reports."""
+        return "graph" if self.graph_ms is not None else f"eager ({self.note})"
+
+    def columns(self) -> dict:
+        """The report columns: the decision time first."""
+        return dict(ms=self.gpu_ms, eager_ms=self.eager_ms, python_ms=self.python_ms, timing=self.source)
+
+
+def capture_graph(fn, device, grad_to_none=None):
+    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream, as PyTorch asks);
+    the graph. ``grad_to_none``: leaves whose ``.grad`` is reset first, so the captured backward
+    writes fresh gradients instead of accumulating. Raises on CPU and wherever capture fails."""
+    if torch.device(device).type != "cuda":
+        raise RuntimeError("no CUDA graphs on CPU")
+    for t in grad_to_none or ():
+        t.grad = None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+            for t in grad_to_none or ():
+                t.grad = None
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _capture_or_why(fn, device, grad_to_none):
+    """``(graph, "")``, or ``(None, why)`` when capture fails: a provider that cannot be captured is
+    timed eagerly only, never the end of the run."""
+    try:
+        return capture_graph(fn, device, grad_to_none), ""
+    except Exception as error:  # noqa: BLE001 - any capture failure means "eager timing only"
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        text = str(error).splitlines()[0][:120] if str(error) else ""
+        return None, text if text == "no CUDA graphs on CPU" else f"capture failed: {type(error).__name__}: {text}"
+
+
+def graph_ms(fn, device, grad_to_none=None, warmup: int = 10, rep: int = 50) -> tuple[float | None, str]:
+    """``(median ms of replays of fn's CUDA graph, "")``, or ``(None, why not)``: replays timed as
+    ``median_ms`` times a call (L2 flushed before each)."""
+    graph, why = _capture_or_why(fn, device, grad_to_none)
+    if graph is None:
+        return None, why
+    try:
+        return median_ms(graph.replay, device, warmup=warmup, rep=rep), ""
+    finally:
+        del graph
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_calls(fns: dict, device, grad_to_none=None, reps: int = MIN_REPS) -> dict:
+    """``{name: Timing}`` for each of ``fns``: eager times from one interleaved run
+    (``interleaved_ms``), then graph times from a second one over the replays of every function that
+    could be captured (each captured once, its leaves' grads reset first)."""
+    eager = interleaved_ms(fns, device, reps=reps, grad_to_none=grad_to_none)
+    graphs, notes = {}, {}
+    for name, fn in fns.items():
+        graphs[name], notes[name] = _capture_or_why(fn, device, grad_to_none)
+    replays = {name: graph.replay for name, graph in graphs.items() if graph is not None}
+    replayed = interleaved_ms(replays, device, reps=reps) if replays else {}
+    del graphs, replays
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return {name: Timing(eager[name], replayed.get(name), notes[name]) for name in fns}

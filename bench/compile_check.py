@@ -39,6 +39,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from adclr.kernels import device as kernel_device
 from adclr.kernels import plans
 from adclr.kernels import triton_attention as ops
 from bench.common import DTYPES
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
         "--tiles", type=parse_tiles, nargs="+", default=[], help="tiles to compile instead of the table"
     )
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if kernel_device.interpreter_enabled():
         raise SystemExit("bench.compile_check compiles for GPUs: run it without TRITON_INTERPRET=1")
 
     todo = cases(args)

@@ -20,9 +20,10 @@ PEERS = ("paper", "sdpa_mask", "sdpa_sliced", "flex", "flex_eager", "xformers") 
 def device_stamp(device: torch.device) -> dict:
     import triton
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    from adclr.kernels import device as kernel_device  # here: ``summary`` runs without the package
+
     return {
-        "device": name,
+        "device": kernel_device.name(device),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -160,13 +161,17 @@ def _float(text) -> float:
 
 def attention_summary(rows: list[dict]) -> list[str]:
     """Per case: ours, full SDPA (the target: ours <= 1.1x), the fastest exact peer (ViT-S/16 global
-    target: >= 1.6x ours) and peak memory of ours against the SDPA fallbacks'."""
+    target: >= 1.6x ours) and peak memory of ours against the SDPA fallbacks', in GPU time; then
+    ours' Python cost per case."""
     if not rows:
         return ["kernel benchmark: no results"]
     cases: dict[tuple, dict] = {}
+    python = []  # ours' Python cost per case, where its call was captured
     for r in rows:
         case = cases.setdefault((r["shape"], r["rule"], r["dtype"], r["mode"]), {})
         case[r["provider"]] = (_float(r["ms"]), _float(r.get("peak_mib")))
+        if r["provider"] == "ours" and not math.isnan(_float(r.get("python_ms"))):
+            python.append(f"{r['shape']} {r['rule']} {r['dtype']} {r['mode']} {_float(r['python_ms']):.3f}")
     out = [
         f"{'shape':16} {'rule':15} {'dtype':5} {'mode':7} {'ours ms':>8} {'full ms':>8} {'ours/full':>9} "
         f"{'best peer':>12} {'peer ms':>8} {'peer/ours':>9} {'MiB ours/sdpa':>14}"
@@ -182,6 +187,9 @@ def attention_summary(rows: list[dict]) -> list[str]:
             f"{shape:16} {rule:15} {dtype:5} {mode:7} {ours[0]:8.3f} {full[0]:8.3f} {ours[0] / full[0]:9.2f} "
             f"{peer:>12} {peer_ms:8.3f} {peer_ms / ours[0]:9.2f} {memory:>14}"
         )
+    out.append("times: GPU time (CUDA-graph replay; eager where a call could not be captured, see attention.csv)")
+    if python:
+        out.append("ours' Python cost per call (eager - graph, ms): " + "; ".join(python))
     return out
 
 
@@ -200,11 +208,17 @@ def tune_summary(rows: list[dict]) -> list[str]:
         if who == "ours":
             key["plan"] = r["candidate"].removeprefix("ours: ")
         key[(who, r["stage"][4:])] = key.get((who, r["stage"][4:]), 0.0) + _float(r["ms"])
-    out = [f"{'D':>3} {'bucket':>6} {'dtype':5} {'mask':15} {'ours/sdpa fwd':>13} {'fwd+bwd':>8}  plan (fwd / bwd)"]
+        if who == "ours" and r["stage"] == "e2e fwd+bwd":
+            key["python"] = key.get("python", 0.0) + _float(r.get("python_ms"))
+    out = [
+        f"{'D':>3} {'bucket':>6} {'dtype':5} {'mask':15} {'ours/sdpa fwd':>13} {'fwd+bwd':>8} {'py ms':>7}  "
+        "plan (fwd / bwd)   [GPU time; py ms: ours' Python cost per fwd+bwd call]"
+    ]
     for (block_d, bucket, dtype, mask), t in keys.items():
         ratios = [t.get(("ours", m), math.nan) / t[("sdpa", m)] for m in ("fwd", "fwd+bwd")]
         out.append(
-            f"{block_d:>3} {bucket:>6} {dtype:5} {mask:15} {ratios[0]:13.2f} {ratios[1]:8.2f}  {t.get('plan', '—')}"
+            f"{block_d:>3} {bucket:>6} {dtype:5} {mask:15} {ratios[0]:13.2f} {ratios[1]:8.2f} "
+            f"{t.get('python', math.nan):7.3f}  {t.get('plan', '—')}"
         )
     inexact = sorted({f"{r['stage']} {r['candidate']}" for r in rows if r["status"] != "ok"})
     if inexact:

@@ -21,8 +21,11 @@
    forward and the backward exact on all of them with the least summed time.
 4. That plan, the one the table stores, is timed end to end through the public API (forward under
    ``no_grad``; forward + backward) on every shape of the key, side by side with the exact SDPA
-   fallback (``backend="sdpa"``), the two interleaved call by call (50 repetitions each); ``auto``
-   takes, per mode, whichever summed lower. The table is
+   fallback (``backend="sdpa"``), the two interleaved call by call (50 repetitions each), twice
+   (``bench.common.time_calls``): eagerly, as a model calls it (GPU work plus the host time the GPU
+   waits for), and replayed from a CUDA graph of the call (the GPU work alone). ``auto`` takes, per
+   mode, whichever summed lower GPU time (the eager time for a call that could not be captured, marked
+   so); the Python cost (eager minus graph) is stored and shown beside it. The table is
    merged into the existing one and rewritten after every key (atomic replace), so a run cut short
    keeps what it measured; ``--budget_s`` stops starting new keys.
 
@@ -46,8 +49,9 @@ import time
 import torch
 
 from adclr.kernels import adclr_attention_packed, plans
+from adclr.kernels import device as kernel_device
 from adclr.kernels import triton_attention as ops
-from bench.common import DTYPES, ERROR_FLOOR, VIT_SHAPES, Case, interleaved_ms, warm_until_stable
+from bench.common import DTYPES, ERROR_FLOOR, VIT_SHAPES, Case, interleaved_ms, time_calls, warm_until_stable
 from bench.report import atomic_write, device_stamp, results_dir
 
 # Most important first, so a run cut short by --budget_s has the keys training uses most: the default
@@ -232,7 +236,7 @@ class Measurement:
         q = self.inputs[0].q
         self.o, self.o_view, self.lse = ops.forward_outputs(q, seq_major=True)
         self.grads, self.grad_views = ops.gradient_outputs(q, seq_major=True)
-        self.capability = torch.cuda.get_device_capability() if device == "cuda" else None
+        self.capability = kernel_device.capability(device)
 
     def _launches(self, candidate: Candidate, x: _Input) -> tuple[list, list]:
         plan = plan_of(candidate, self.case, self.tiny)
@@ -336,7 +340,7 @@ BACKENDS = (("sdpa", "sdpa"), ("ours", "triton"))
 
 def end_to_end(case: Case, device: str, fwd: Candidate, bwd: Candidate, rows: list) -> dict:
     """The public call as a model makes it (``fwd`` under no_grad; ``fwd+bwd``), timed with the key's
-    stored plan and with the exact SDPA fallback: ``{("ours" | "sdpa", mode): ms}``."""
+    stored plan and with the exact SDPA fallback: ``{("ours" | "sdpa", mode): Timing}``."""
     layout = case.layout
     qkv = torch.randn(case.batch, layout.length, 3, case.heads, case.head_dim, dtype=case.torch_dtype, device=device)
     do = torch.randn(case.batch, layout.length, case.heads, case.head_dim, dtype=case.torch_dtype, device=device)
@@ -345,16 +349,21 @@ def end_to_end(case: Case, device: str, fwd: Candidate, bwd: Candidate, rows: li
     for mode in ("fwd", "fwd+bwd"):
         leaf = qkv.detach().requires_grad_(mode != "fwd")
         runs = {who: _public_call(leaf, do, layout, backend, plan, mode != "fwd") for who, backend in BACKENDS}
-        measured = interleaved_ms(runs, device, grad_to_none=[leaf])  # ours and SDPA alternate
+        measured = time_calls(runs, device, grad_to_none=[leaf])  # ours and SDPA alternate, eager then graphs
         for who, _ in BACKENDS:
-            times[(who, mode)] = measured[who]
+            times[(who, mode)] = timing = measured[who]
             label = "sdpa" if who == "sdpa" else plan_label(fwd, bwd)
-            rows.append(_row(case, f"e2e {mode}", label, times[(who, mode)], math.nan, math.nan, "ok"))
+            rows.append(_row(case, f"e2e {mode}", label, timing.gpu_ms, math.nan, math.nan, "ok", timing))
     return times
 
 
-def _row(case: Case, stage, candidate, ms, error, bound, status) -> dict:
+def _row(case: Case, stage, candidate, ms, error, bound, status, timing=None) -> dict:
+    """One CSV row. ``ms`` is the time decisions use; for end-to-end rows ``timing`` adds the eager time,
+    the Python cost (eager minus CUDA-graph replay) and where ``ms`` came from."""
     key = case.key
+    extra = {"eager_ms": math.nan, "python_ms": math.nan, "timing": "kernels"}
+    if timing is not None:
+        extra = {k: v for k, v in timing.columns().items() if k != "ms"}
     return dict(
         shape=case.shape,
         batch=case.batch,
@@ -372,19 +381,32 @@ def _row(case: Case, stage, candidate, ms, error, bound, status) -> dict:
         max_err=error,
         bound=bound,
         status=status,
+        **extra,
     )
 
 
-def table_entry(key: plans.ShapeKey, fwd: Candidate, bwd: Candidate, contests: list[dict]) -> dict:
-    """The table entry of ``key``: its plan, and per mode the backend whose end-to-end times with that
-    plan, summed over the key's shapes, were lower."""
-    auto, ms = {}, {}
+def table_entry(key: plans.ShapeKey, fwd: Candidate, bwd: Candidate, contests: list[dict], python=None) -> dict:
+    """The table entry of ``key``: its plan, and per mode the backend whose end-to-end GPU times with that
+    plan (``contests``: per shape, ``{(who, mode): ms}``), summed over the key's shapes, were lower.
+    ``python``: the same keys' Python cost per shape (NaN where a call was not captured), stored beside
+    the times as ``python_ms`` (None where some shape lacks it)."""
+    auto, ms, host = {}, {}, {}
     for mode in ("fwd", "fwd+bwd"):
         ours = sum(c[("ours", mode)] for c in contests)
         sdpa = sum(c[("sdpa", mode)] for c in contests)
         auto[mode] = "triton" if ours <= sdpa else "sdpa"
         ms[f"ours {mode}"], ms[f"sdpa {mode}"] = round(ours, 4), round(sdpa, 4)
-    return {**dataclasses.asdict(key), "fwd": fwd.to_json(), "bwd": bwd.to_json(), "auto": auto, "measured_ms": ms}
+        for who in ("ours", "sdpa"):
+            total = sum(p[(who, mode)] for p in python or ())
+            host[f"{who} {mode}"] = None if math.isnan(total) else round(total, 4)
+    entry = {**dataclasses.asdict(key), "fwd": fwd.to_json(), "bwd": bwd.to_json(), "auto": auto, "measured_ms": ms}
+    return entry if python is None else {**entry, "python_ms": host}
+
+
+def decide(key: plans.ShapeKey, fwd: Candidate, bwd: Candidate, timings: list[dict]) -> dict:
+    """``table_entry`` from ``end_to_end``'s timings: decided on GPU time, the Python cost beside it."""
+    contests = [{k: t.gpu_ms for k, t in shape.items()} for shape in timings]
+    return table_entry(key, fwd, bwd, contests, [{k: t.python_ms for k, t in shape.items()} for shape in timings])
 
 
 def write_table(path: str, entries: dict, stamp: dict) -> None:
@@ -418,23 +440,36 @@ def write_outputs(output_dir: str, rows: list, decisions: dict, stamp: dict, tab
         os.replace(os.path.join(output_dir, "tune.csv.tmp"), os.path.join(output_dir, "tune.csv"))
     header = f"{stamp['device']}; torch {stamp['torch']}; triton {stamp['triton']}; {stamp['date']}"
     md = ["# tune", "", header, "", f"table: {table_path}", ""]
+    md += [
+        "Ratios of GPU time (CUDA-graph replay of the whole call; the eager time where a call could not be",
+        "captured: tune.csv's timing column says which), summed over the key's shapes; `auto` decides on them.",
+        "Python ms: what the host adds to each call (eager minus replay), summed likewise.",
+        "",
+    ]
     columns = ["block_d", "bucket", "dtype", "mask", "fwd", "bwd", "auto fwd", "auto fwd+bwd"]
     columns += ["ours / sdpa fwd", "ours / sdpa fwd+bwd"]
+    columns += ["Python ms ours fwd / fwd+bwd", "Python ms sdpa fwd / fwd+bwd"]
     md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for entry in decisions.values():
-        ms = entry["measured_ms"]
+        ms, host = entry["measured_ms"], entry.get("python_ms", {})
         fwd = Candidate("fwd", entry["fwd"]["variant"], _tiles(entry["fwd"]["tiles"]))
         bwd = Candidate("bwd", entry["bwd"]["variant"], _tiles(entry["bwd"]["tiles"]))
+        python = [" / ".join(_ms(host.get(f"{who} {m}")) for m in ("fwd", "fwd+bwd")) for who in ("ours", "sdpa")]
         md.append(
             f"| {entry['block_d']} | {entry['seq_bucket']} | {entry['dtype']} | {entry['mask']} | {fwd.label()} | "
             f"{bwd.label()} | {entry['auto']['fwd']} | {entry['auto']['fwd+bwd']} | "
-            f"{ms['ours fwd'] / ms['sdpa fwd']:.2f} | {ms['ours fwd+bwd'] / ms['sdpa fwd+bwd']:.2f} |"
+            f"{ms['ours fwd'] / ms['sdpa fwd']:.2f} | {ms['ours fwd+bwd'] / ms['sdpa fwd+bwd']:.2f} | "
+            f"{python[0]} | {python[1]} |"
         )
     atomic_write(os.path.join(output_dir, "tune.md"), "\n".join(md) + "\n")
     os.makedirs(os.path.join(output_dir, "tiles"), exist_ok=True)
     if os.path.exists(table_path):
         with open(table_path) as f:
             atomic_write(os.path.join(output_dir, "tiles", os.path.basename(table_path)), f.read())
+
+
+def _ms(value) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _tiles(obj) -> plans.Tiles | None:
@@ -465,7 +500,7 @@ def main(argv=None) -> str:
     parser.add_argument("--table_dir", help="where the table goes (default: $ADCLR_TILES_DIR or kernels/tiles/)")
     parser.add_argument("--output_dir", help="default: bench/results/<date>_<device>/")
     args = parser.parse_args(argv)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = kernel_device.interpreter_enabled()
     if args.device == "cpu" and not (interpreting and args.tiny):
         raise SystemExit("on CPU run the smoke test: TRITON_INTERPRET=1 python -m bench.tune --device cpu --tiny")
     if args.device == "cuda" and interpreting:
@@ -505,8 +540,8 @@ def main(argv=None) -> str:
         if chosen is None:
             print(f"  {key}: no candidate exact on every shape in some direction; the defaults stay")
         else:
-            contests = [end_to_end(case, args.device, *chosen, rows) for case in key_cases]
-            decisions[key] = table_entry(key, *chosen, contests)
+            timings = [end_to_end(case, args.device, *chosen, rows) for case in key_cases]
+            decisions[key] = decide(key, *chosen, timings)
             write_table(table_path, {key: decisions[key]}, stamp)
         write_outputs(output_dir, rows, decisions, stamp, table_path)
     plans.clear_table_cache()

@@ -8,7 +8,8 @@ tuned tables under ``kernels/tiles/``, else built-in defaults). ``dino_teacher_p
 that ``adclr.fused_loss`` runs between the head's chunked matmuls.
 """
 
-from .attention import BACKENDS, adclr_attention, adclr_attention_packed, interpreter_enabled, triton_is_default
+from .attention import BACKENDS, adclr_attention, adclr_attention_packed, triton_is_default
+from .device import interpreter_enabled
 from .dino_loss import LOSS_BACKENDS, dino_soft_cross_entropy_, dino_teacher_probs
 from .layout import LAYOUT_NAMES, QUERY_KEY_RULES, AttentionLayout
 from .reference import reference_attention, reference_probabilities

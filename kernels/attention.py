@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from ..choices import ATTN_BACKENDS as BACKENDS
-from . import plans
+from . import device, plans
 from .layout import AttentionLayout
 from .reference import reference_attention
 from .sdpa import sdpa_attention
@@ -30,43 +29,17 @@ MAX_TRITON_HEAD_DIM = 256
 MAX_TRITON_HEAD_DIM_FP32 = 128  # fp32 tiles beyond this exceed sm80's shared memory or spill kilobytes
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_is_default(device: torch.device) -> bool:
-    """Whether ``backend="auto"`` may pick the Triton kernel for tensors on ``device`` (CUDA sm80+ with
-    Triton); which calls it does pick it for is ``plans.auto_backend``'s decision."""
-    if device.type != "cuda" or interpreter_enabled():
-        return False
-    return _fused_kernel_supported(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _fused_kernel_supported(device_index: int) -> bool:
-    """Triton importable and the GPU sm80+; asked once per device, not on every attention call."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
-
-
-@functools.cache
-def _cuda_device_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
-
-
-def device_name(device: torch.device) -> str:
-    """The name the tuned tables are keyed by (``torch.cuda.get_device_name``), asked once per device."""
-    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+def triton_is_default(target: torch.device) -> bool:
+    """Whether ``backend="auto"`` may pick the Triton kernel for tensors on ``target`` (CUDA sm80+ with
+    Triton, ``device.fused_kernel_supported``); which calls it does pick it for is
+    ``plans.auto_backend``'s decision."""
+    return device.fused_kernel_supported(target)
 
 
 def _auto_choice(t: torch.Tensor, head_dim: int, layout: AttentionLayout, needs_grad: bool) -> str:
     """``triton`` / ``sdpa``: this GPU's tuned table for the call's key, else the untuned default."""
     mode = "fwd+bwd" if needs_grad else "fwd"
-    return plans.auto_backend(device_name(t.device), layout.length, head_dim, t.dtype, layout.kernel_params, mode)
+    return plans.auto_backend(device.table_key(t.device), layout.length, head_dim, t.dtype, layout.kernel_params, mode)
 
 
 def _check_backend(backend) -> None:
@@ -128,7 +101,7 @@ def _resolve_backend(
     if backend == "triton":
         if dropout_p > 0:
             raise ValueError(f"backend='triton' does not implement attention dropout, got dropout_p={dropout_p}")
-        if t.device.type != "cuda" and not interpreter_enabled():
+        if t.device.type != "cuda" and not device.interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device "
                 f"{t.device}; use backend='sdpa' or 'auto'"
@@ -142,11 +115,7 @@ def _resolve_backend(
                 f"backend='triton' supports float32 head dims up to {MAX_TRITON_HEAD_DIM_FP32}, got "
                 f"{head_dim}; use float16/bfloat16 or backend='sdpa'"
             )
-        if (
-            t.device.type == "cuda"
-            and t.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(t.device) < (8, 0)
-        ):
+        if t.dtype == torch.bfloat16 and not device.supports_bf16(device.capability(t.device)):
             raise TypeError("backend='triton' needs sm80+ for bfloat16; use float16/float32 or backend='sdpa'")
     return backend
 
@@ -164,6 +133,31 @@ def _resolve_call(
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@functools.cache
+def _triton_ops():
+    """``kernels.triton_attention``, imported on the first Triton call (it needs Triton installed)."""
+    from . import triton_attention
+
+    return triton_attention
+
+
+def _attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float, backend: str) -> torch.Tensor:
+    """``[B, H, L, D]`` attention on a resolved backend (``triton``, ``sdpa`` or ``reference``)."""
+    if backend == "triton":
+        return _triton_ops().triton_attention(q, k, v, layout, scale)
+    attend = sdpa_attention if backend == "sdpa" else reference_attention
+    return attend(q, k, v, layout, scale, dropout_p)
+
+
+def _attend_packed(qkv, layout: AttentionLayout, scale: float, dropout_p: float, backend: str) -> torch.Tensor:
+    """Packed attention on a resolved backend; returns ``[B, L, H, D]``."""
+    if backend == "triton":
+        return _triton_ops().triton_attention_packed(qkv, layout, scale)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    attend = sdpa_attention if backend == "sdpa" else reference_attention
+    return attend(q, k, v, layout, scale, dropout_p).transpose(1, 2)
 
 
 def adclr_attention(
@@ -193,12 +187,7 @@ def adclr_attention(
     _check_sizes("q, k, v", q, seq_dim=2)
     needs_grad = _needs_grad(q, k, v)
     backend, scale = _resolve_call(backend, dropout_p, scale, q, layout, q.shape[2], "q", needs_grad)
-    if backend == "triton":
-        from .triton_attention import triton_attention
-
-        return triton_attention(q, k, v, layout, scale)
-    attend = sdpa_attention if backend == "sdpa" else reference_attention
-    return attend(q, k, v, layout, scale, dropout_p)
+    return _attend(q, k, v, layout, scale, dropout_p, backend)
 
 
 def adclr_attention_packed(
@@ -218,11 +207,36 @@ def adclr_attention_packed(
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
     _check_sizes("qkv", qkv, seq_dim=1)
-    backend, scale = _resolve_call(backend, dropout_p, scale, qkv, layout, qkv.shape[1], "qkv", _needs_grad(qkv))
-    if backend == "triton":
-        from .triton_attention import triton_attention_packed
+    needs_grad = torch.is_grad_enabled() and qkv.requires_grad
+    backend, scale = _resolve_call(backend, dropout_p, scale, qkv, layout, qkv.shape[1], "qkv", needs_grad)
+    return _attend_packed(qkv, layout, scale, dropout_p, backend)
 
-        return triton_attention_packed(qkv, layout, scale)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    attend = sdpa_attention if backend == "sdpa" else reference_attention
-    return attend(q, k, v, layout, scale, dropout_p).transpose(1, 2)
+
+# --------------------------------------------------------------------------------------------------
+# The model's path. ``adclr.model``'s attention module calls these once per block and call: its
+# backend name was checked once (by the config and ``set_attn_backend``), its qkv comes from its own
+# projection (5-D, [B, L, 3, H, D], a float dtype), its scale is head_dim ** -0.5. So the name, shape
+# and scale checks of the public API are not repeated; the layout's length is (one comparison: a
+# layout longer than the tensors would have the kernel read past them), and what depends on the
+# tensors (``auto``'s choice, what ``triton`` can run) is resolved per call.
+# --------------------------------------------------------------------------------------------------
+
+
+def model_attention_packed(
+    qkv: torch.Tensor, layout: AttentionLayout, scale: float, dropout_p: float, backend: str
+) -> torch.Tensor:
+    """``adclr_attention_packed`` for the model's trusted arguments (see above)."""
+    if layout.length != qkv.shape[1]:
+        _check_layout(layout, qkv.shape[1], "qkv")
+    needs_grad = torch.is_grad_enabled() and qkv.requires_grad
+    backend = _resolve_backend(backend, qkv, qkv.shape[4], dropout_p, layout, needs_grad)
+    return _attend_packed(qkv, layout, scale, dropout_p, backend)
+
+
+def model_attention(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float, backend: str) -> torch.Tensor:
+    """``adclr_attention`` for the model's trusted arguments (q and k after its q/k norms)."""
+    if layout.length != q.shape[2]:
+        _check_layout(layout, q.shape[2], "q")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    backend = _resolve_backend(backend, q, q.shape[3], dropout_p, layout, needs_grad)
+    return _attend(q, k, v, layout, scale, dropout_p, backend)

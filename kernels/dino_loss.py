@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..choices import LOSS_BACKENDS
-from .attention import interpreter_enabled
+from . import device
 
 # ``auto``'s choice per device type. The Triton rows read the logits and targets twice and write the
 # gradient once; the PyTorch rows make about ten passes over chunk-sized fp32 temporaries. Which is
@@ -26,11 +26,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _bf16_before_sm80(logits: torch.Tensor) -> bool:
-    return (
-        logits.device.type == "cuda"
-        and logits.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(logits.device) < (8, 0)
-    )
+    return logits.dtype == torch.bfloat16 and not device.supports_bf16(device.capability(logits.device))
 
 
 def resolve_loss_backend(backend: str, logits: torch.Tensor) -> str:
@@ -44,7 +40,7 @@ def resolve_loss_backend(backend: str, logits: torch.Tensor) -> str:
     if backend == "triton":
         if _bf16_before_sm80(logits):
             raise TypeError("backend='triton' needs sm80+ for bfloat16; use float16/float32 or backend='torch'")
-        if logits.device.type != "cuda" and not interpreter_enabled():
+        if logits.device.type != "cuda" and not device.interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device "
                 f"{logits.device}; use backend='torch' or 'auto'"

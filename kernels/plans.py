@@ -163,8 +163,9 @@ V2_FUSED_TILES = {
 }
 INTERPRETER_TILES = T(32, 32, 1, 1)  # the CPU interpreter: small blocks exercise boundary and interior paths
 # What the tuner (bench/tune.py) and ADCLR_AUTOTUNE=1 try at head dims <= 64, all free of spills on sm90
-# (bench/compile_check.py); on sm80 the fused 64 x 32 tiles sit at 255 registers and spill (8 bytes
-# with triton 3.6 without +self). Larger head dims try the table's tile only.
+# (bench/compile_check.py). On sm80 the fused 64 x 32 tiles build without spills with triton 3.8 (236-237
+# registers, 255 with +self); triton 3.6 spilled 8 bytes without +self (bench/NOTES.md). Larger head dims
+# try the table's tile only.
 FWD_CANDIDATES = (
     T(64, 64, 4, 2),
     T(64, 64, 4, 3),
@@ -427,6 +428,12 @@ def tuned_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dt
 
 def auto_backend(device_name: str, seq_len: int, head_dim: int, dtype: torch.dtype, kernel_params, mode: str) -> str:
     """``backend="auto"`` on an sm80+ GPU: the tuned table's backend for the key and ``mode`` (``fwd``
-    or ``fwd+bwd``), else ``default_backend``."""
+    or ``fwd+bwd``), else ``default_backend``. Decided once per call key, tables folder and table
+    generation (``clear_table_cache`` bumps it)."""
+    return _auto_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode, tiles_dir(), _table_generation[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode, directory, generation) -> str:
     tuned = tuned_backend(device_name, seq_len, head_dim, dtype, kernel_params, mode)
     return tuned or default_backend(seq_len, head_dim, dtype, kernel_params, mode)

@@ -2,11 +2,12 @@
 
 import csv
 import math
+import time
 
 import pytest
 
 from adclr.kernels import triton_attention
-from bench import attention, overhead, train_step
+from bench import attention, overhead, report, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +96,63 @@ def test_overhead_benchmark_stubs_the_launches_and_puts_them_back(capsys):
     real = triton_attention.Launch.__call__
     overhead.main(["--repeats", "3", "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()
+    times = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert set(times) == {"fwd", "fwd+bwd"} and all(0 < us < 1e4 for us in times.values())
+    assert triton_attention.Launch.__call__ is real
+
+
+def test_attention_benchmark_reports_gpu_time_and_python_cost(tmp_path, monkeypatch):
+    """A fake CUDA-graph capture on CPU (replays take 0.5 ms; the ``paper`` provider cannot be captured):
+    every row has the GPU time (``ms``, from the replays), the eager time and the Python cost between
+    them; the provider that failed capture keeps its eager time, marked so, and the run goes on; the
+    summary names ours' Python cost. Catches rows that report eager time as GPU time, a capture failure
+    that ends the run, and a report without the second column."""
+    from bench import common, providers
+
+    class FakeGraph:
+        def replay(self):
+            time.sleep(0.0005)
+
+    called = []
+    real_paper = providers.paper_attention
+    monkeypatch.setattr(providers, "paper_attention", lambda *args: called.append(1) or real_paper(*args))
+
+    def fake_capture(fn, device, grad_to_none=None):
+        called.clear()
+        fn()
+        if called:
+            raise RuntimeError("capture not supported")
+        return FakeGraph()
+
+    monkeypatch.setattr(common, "capture_graph", fake_capture)
+    args = ["--device", "cpu", "--tiny", "--rules", "raw", "--no_flex", "--output_dir", str(tmp_path)]
+    attention.main(args)
+    rows = list(csv.DictReader(open(tmp_path / "attention.csv")))
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        ms, eager = float(r["ms"]), float(r["eager_ms"])
+        if r["provider"] == "paper":
+            assert r["timing"] == "eager (capture failed: RuntimeError: capture not supported)"
+            assert ms == eager and math.isnan(float(r["python_ms"]))
+        else:
+            assert r["timing"] == "graph" and 0.5 <= ms < 5, r  # the replays' time, not the eager one
+            assert math.isclose(float(r["python_ms"]), eager - ms)
+    ours = next(r for r in rows if r["provider"] == "ours" and r["mode"] == "fwd+bwd")
+    assert float(ours["eager_ms"]) > 10 * float(ours["ms"])  # the interpreter: the eager call is far slower
+    header = (tmp_path / "attention.md").read_text()
+    assert "| ms | eager_ms | python_ms | timing |" in header
+    summary = "\n".join(report.attention_summary(rows))
+    assert "ours' Python cost per call (eager - graph, ms): tiny raw fp32 fwd" in summary
+
+
+@pytest.mark.parametrize("path", ["model", "floor"])
+def test_overhead_benchmark_times_the_model_path_and_the_floor(path, capsys):
+    """``--path model`` times what ``adclr.model`` calls, ``--path floor`` an empty autograd function;
+    both with the launches stubbed (a launch that ran would take the interpreter seconds per call)."""
+    real = triton_attention.Launch.__call__
+    overhead.main(["--path", path, "--repeats", "3", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{path} path per call")
     times = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
     assert set(times) == {"fwd", "fwd+bwd"} and all(0 < us < 1e4 for us in times.values())
     assert triton_attention.Launch.__call__ is real

@@ -10,7 +10,7 @@ import pytest
 import torch
 from attention_utils import check_table_file, max_error
 
-from adclr.kernels import AttentionLayout, adclr_attention, attention, plans
+from adclr.kernels import AttentionLayout, adclr_attention, attention, device, plans
 from adclr.kernels import triton_attention as ops
 
 FAKE_GPU = "Fake GPU 9000 80GB"
@@ -274,7 +274,7 @@ def test_the_table_check_rejects_a_broken_table(change, why, tmp_path):
 def fake_gpu(monkeypatch, tiles_dir):
     """``auto`` behaves as on an sm80+ GPU named FAKE_GPU (the tensors stay on CPU)."""
     monkeypatch.setattr(attention, "triton_is_default", lambda device: True)
-    monkeypatch.setattr(attention, "device_name", lambda device: FAKE_GPU)
+    monkeypatch.setattr(attention.device, "table_key", lambda target: FAKE_GPU)
     return tiles_dir
 
 
@@ -455,7 +455,8 @@ def test_the_per_call_plan_cache_sees_tables_forced_plans_and_autotune(tiles_dir
     """Each call's plan is decided once per shape key and cached; the cache must still follow a table
     read afresh, a forced plan entered and ADCLR_AUTOTUNE set between two identical calls."""
     monkeypatch.setattr(ops, "_interpreting", lambda t: False)  # as on a GPU named FAKE_GPU
-    monkeypatch.setattr(ops, "_device_info", lambda index: (FAKE_GPU, (9, 0)))
+    monkeypatch.setattr(device, "_name", lambda index: FAKE_GPU)
+    monkeypatch.setattr(device, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     q = torch.zeros(1, 2, 207, 64, dtype=torch.bfloat16)
     assert ops._call_context(q, PARAMS_207) == (plans.default_plan(207, 64, torch.bfloat16), (9, 0))
@@ -466,3 +467,41 @@ def test_the_per_call_plan_cache_sees_tables_forced_plans_and_autotune(tiles_dir
         assert ops._call_context(q, PARAMS_207)[0] == forced
     monkeypatch.setenv("ADCLR_AUTOTUNE", "1")
     assert ops._call_context(q, PARAMS_207)[0].fwd_tiles is None
+
+
+@pytest.fixture
+def fresh_device_caches():
+    """Empty per-device caches before and after (a fake driver's answers must not outlive the test)."""
+    caches = (device._capability, device._name, device._fused_kernel_supported)
+    for cache in caches:
+        cache.cache_clear()
+    yield
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_the_device_facts_come_from_one_module_asked_once_per_device(monkeypatch, fresh_device_caches):
+    """The bf16 rule (sm80+, CPUs run it), the fused kernel's rule (sm80+), and the driver asked once
+    per device index for name and capability. Catches a rule written with ``>`` (sm80 refused) or a
+    copy that asks the driver on every call."""
+    assert [device.supports_bf16(c) for c in ((7, 0), (7, 5), (8, 0), (8, 6), (9, 0), None)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]
+    assert device.capability("cpu") is None and device.name("cpu") == "CPU (Triton interpreter)"
+    asked = []
+    gpus = {1: ("Old GPU", (7, 5)), 2: ("New GPU", (8, 0))}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: asked.append(i) or gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or gpus[i][1])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for _ in range(3):
+        assert device.capability(torch.device("cuda", 1)) == (7, 5) and device.table_key("cuda:1") == "Old GPU"
+        assert not device.fused_kernel_supported(torch.device("cuda", 1))
+        assert device.fused_kernel_supported(torch.device("cuda", 2))
+    assert sorted(asked) == [1, 1, 2]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at call time: the interpreter never takes CUDA tensors
+    assert not device.fused_kernel_supported(torch.device("cuda", 2))

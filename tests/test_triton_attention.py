@@ -24,6 +24,7 @@ from attention_utils import (
 )
 
 from adclr.kernels import AttentionLayout, adclr_attention, adclr_attention_packed, plans, triton_attention
+from adclr.kernels.attention import model_attention, model_attention_packed
 from adclr.kernels.triton_attention import LOG2E, _backward, _forward
 from bench.common import VIT_SHAPES
 
@@ -336,6 +337,61 @@ def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
     assert max_error(out, expected) < 1e-5 and max_error(grad, grad_ref) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference", "auto"])
+def test_the_model_path_computes_what_the_public_api_does(backend):
+    """``model_attention[_packed]`` (what ``adclr.model`` calls, without the public checks) against
+    the float64 reference, forward and gradient, both forms; a layout of another length is refused
+    (the kernels would read past the tensors). Catches a fast path that splits qkv or orders its
+    strides wrongly, or that skips the one check that guards memory."""
+    layout = AttentionLayout(13, 3, 1, "raw+self")
+    scale = 16**-0.5
+    qkv = torch.randn(2, layout.length, 3, 2, 16, device=KERNEL_DEVICE if backend == "triton" else "cpu")
+    qkv64 = qkv.double().requires_grad_()
+    expected = adclr_attention_packed(qkv64, layout, backend="reference")
+    do = torch.randn_like(expected)
+    (grad_ref,) = torch.autograd.grad(expected, qkv64, do)
+
+    out = model_attention_packed(qkv.requires_grad_(), layout, scale, 0.0, backend)
+    (grad,) = torch.autograd.grad(out, qkv, do.to(qkv.dtype))
+    assert max_error(out, expected) < 1e-5 and max_error(grad, grad_ref) < 1e-5
+    q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4))
+    out4 = model_attention(q, k, v, layout, scale, 0.0, backend)
+    grads = torch.autograd.grad(out4, (q, k, v), do.to(qkv.dtype).transpose(1, 2))
+    assert max_error(out4.transpose(1, 2), expected) < 1e-5
+    assert max_error(torch.stack(grads, 2).permute(0, 3, 2, 1, 4), grad_ref) < 1e-5
+    with pytest.raises(ValueError, match="sequence length"):
+        model_attention_packed(qkv, AttentionLayout(14, 3), scale, 0.0, backend)
+    with pytest.raises(ValueError, match="sequence length"):
+        model_attention(q, k, v, AttentionLayout(12, 3), scale, 0.0, backend)
+
+
+def test_the_backward_runs_the_plan_its_forward_resolved(monkeypatch):
+    """The forward's plan travels to its backward (``CallContext``): a backward run after the forced
+    plan was left still runs that plan's variant, not a fresh resolution's. Catches a backward that
+    resolves its plan again (a second lookup per call, and a mismatch with the forward's
+    log-sum-exp layout if the state changed in between)."""
+    ran = []
+    real = triton_attention.run_launches
+    monkeypatch.setattr(
+        triton_attention,
+        "run_launches",
+        lambda launches, target: ran.extend(x.name for x in launches) or real(launches, target),
+    )
+    layout = AttentionLayout(13, 3, 1, "prefix+raw")
+    assert plans.default_plan(layout.length, 16, torch.float32, interpreting=KERNEL_DEVICE != "cuda").bwd == "fused"
+    forced = plan("short", layout.length, 16, torch.float32)
+    qkv = torch.randn(1, layout.length, 3, 2, 16, device=KERNEL_DEVICE)
+    qkv64 = qkv.double().requires_grad_()
+    expected = adclr_attention_packed(qkv64, layout, backend="reference")
+    with plans.forced_plan(forced):
+        out = adclr_attention_packed(qkv.requires_grad_(), layout, backend="triton")
+    do = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    (grad_ref,) = torch.autograd.grad(expected, qkv64, do.double())
+    assert ran == ["v2_fwd", "short"]
+    assert max_error(grad, grad_ref) < 1e-5
+
+
 def test_compiles_without_graph_break():
     """The kernel is a custom op: dynamo traces through it with fullgraph=True, forward and backward."""
     layout = AttentionLayout(21, 4, query_keys="prefix+raw+self")
@@ -387,6 +443,40 @@ def test_gpu_real_shapes(shape, rule, dtype):
     layout = layout_for(rule, R, Q, 1)
     q, k, v = inputs(B, H, layout, D, dtype, "packed", device="cuda")
     check_against_reference(q, k, v, layout, D**-0.5, "packed", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["short", "fused"])
+def test_gpu_call_replays_from_a_cuda_graph(variant):
+    """The benchmarks time our call as replays of a CUDA graph (``bench.common.capture_graph``): the
+    whole packed call, forward and backward, must capture, and a replay on new inputs copied into
+    the captured ones must give what an eager call gives on them (the same kernels: bit for bit)."""
+    from bench.common import capture_graph
+
+    layout = AttentionLayout(37, 10, 1, "prefix+raw")
+    forced = plan(variant, layout.length, 64, torch.bfloat16)
+    qkv = torch.randn(8, layout.length, 3, 6, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    do = torch.randn(8, layout.length, 6, 64, dtype=torch.bfloat16, device="cuda")
+    captured = {}
+
+    def call():
+        with plans.forced_plan(forced):
+            captured["out"] = adclr_attention_packed(qkv, layout, backend="triton")
+            captured["out"].backward(do)
+
+    graph = capture_graph(call, "cuda", grad_to_none=[qkv])
+    fresh, fresh_do = torch.randn_like(qkv), torch.randn_like(do)
+    with torch.no_grad():
+        qkv.copy_(fresh)
+        do.copy_(fresh_do)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed_out, replayed_grad = captured["out"].detach().clone(), qkv.grad.clone()
+    x = fresh.clone().requires_grad_()
+    with plans.forced_plan(forced):
+        out = adclr_attention_packed(x, layout, backend="triton")
+    (grad,) = torch.autograd.grad(out, x, fresh_do)
+    assert torch.equal(replayed_out, out) and torch.equal(replayed_grad, grad)
 
 
 GPU_VARIANT_SHAPES = [("short", "vit_s16_local96"), ("fused", "vit_s16_local96"), ("fused", "vit_s16_global")]

@@ -4,6 +4,7 @@ as on a GPU: precompile pool, exactness gate, timing, table) and its decision lo
 import csv
 import json
 import math
+import time
 import warnings
 
 import pytest
@@ -325,3 +326,64 @@ def test_the_exact_candidates_of_a_direction_are_timed_in_one_interleaved_run(mo
     assert set(result["fwd"]) == set(expected["fwd"]) - {bad} and set(result["bwd"]) == set(expected["bwd"])
     timed = {r["candidate"]: r["ms"] for r in rows}
     assert math.isnan(float(timed[bad.label()])) and all(ms > 0 for ms in result["fwd"].values())
+
+
+class _FakeGraph:
+    """A captured call that replays in a fixed time: stands in for a CUDA graph on CPU."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def replay(self):
+        time.sleep(self.seconds)
+
+
+def test_auto_decides_on_gpu_time_and_stores_the_python_cost_beside_it(monkeypatch):
+    """A fake CUDA-graph capture on CPU: replays of ours take 1 ms and of SDPA 20 ms, while eagerly ours
+    (the interpreter) is far slower than SDPA. ``auto`` must follow the replays (the GPU time), not the
+    eager times, and store the Python cost (eager minus replay) beside them. SDPA's forward cannot be
+    captured here: it falls back to its eager time, marked so, and the run goes on. Catches a decision
+    on eager times, a capture failure that ends the run, and a Python cost stored as the wrong
+    difference."""
+    from bench import common
+
+    ran = []
+    real_api = tune.adclr_attention_packed
+
+    def recording_api(qkv, layout, backend):
+        ran.append((backend, torch.is_grad_enabled()))
+        return real_api(qkv, layout, backend=backend)
+
+    def fake_capture(fn, device, grad_to_none=None):
+        ran.clear()
+        fn()
+        backend, grad = ran[-1]
+        if backend == "sdpa" and not grad:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return _FakeGraph(0.001 if backend == "triton" else 0.02)
+
+    monkeypatch.setattr(tune, "adclr_attention_packed", recording_api)
+    monkeypatch.setattr(common, "capture_graph", fake_capture)
+    case = TINY47
+    fwd, bwd = tune.Candidate("fwd", "v2", plans.INTERPRETER_TILES), tune.Candidate("bwd", "short", T(0, 0, 1, 1))
+    rows = []
+    timings = tune.end_to_end(case, "cpu", fwd, bwd, rows)
+    ours, sdpa = timings[("ours", "fwd+bwd")], timings[("sdpa", "fwd+bwd")]
+    assert ours.eager_ms > sdpa.eager_ms and ours.graph_ms < sdpa.graph_ms  # the two clocks disagree
+    failed = timings[("sdpa", "fwd")]
+    assert failed.graph_ms is None and failed.gpu_ms == failed.eager_ms
+    assert failed.source.startswith("eager (capture failed: RuntimeError: operation not permitted")
+
+    entry = tune.decide(case.key, fwd, bwd, [timings])
+    assert entry["auto"]["fwd+bwd"] == "triton"
+    assert entry["measured_ms"]["ours fwd+bwd"] == round(ours.graph_ms, 4)
+    assert entry["python_ms"]["ours fwd+bwd"] == round(ours.eager_ms - ours.graph_ms, 4)
+    assert entry["python_ms"]["sdpa fwd"] is None  # no replay, no Python cost to show
+    assert entry["auto"]["fwd"] == ("triton" if timings[("ours", "fwd")].graph_ms <= failed.eager_ms else "sdpa")
+    plans.parse_entry(entry)
+
+    e2e = {(r["candidate"] == "sdpa", r["stage"]): r for r in rows}
+    row = e2e[(False, "e2e fwd+bwd")]
+    assert row["ms"] == ours.graph_ms and row["eager_ms"] == ours.eager_ms and row["timing"] == "graph"
+    assert row["python_ms"] == ours.eager_ms - ours.graph_ms
+    assert e2e[(True, "e2e fwd")]["timing"] == failed.source and e2e[(True, "e2e fwd")]["ms"] == failed.eager_ms
