@@ -273,14 +273,13 @@ def start_run(cfg: TrainConfig, flags: dict, chosen_preset: bool) -> Run:
     import torch
 
     from adclr.distributed import init_distributed
-    from adclr.kernels import interpreter_enabled
+    from adclr.kernels import device as device_facts
     from adclr.runtime import configure_threads
     from adclr.train_step import default_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg.optim.precision = cfg.optim.precision or default_precision(device)
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    notes = check_device(cfg, device.type, capability, interpreter_enabled())
+    notes = check_device(cfg, device.type, device_facts.capability(device), device_facts.interpreter_enabled())
     dist_info = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)

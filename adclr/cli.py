@@ -93,7 +93,9 @@ def check_device(cfg, device_type: str, capability: tuple[int, int] | None, inte
         )
     if precision == "bf16" and device_type != "cuda":
         return ["--precision bf16 on CPU runs, but is faster than fp32 only on CPUs with bf16 matrix units"]
-    if precision == "bf16" and capability is not None and capability < (8, 0):
+    from .kernels.device import supports_bf16  # only here: the flags are checked before torch loads
+
+    if precision == "bf16" and not supports_bf16(capability):
         for flag, value in (("--attn_backend", backend), ("--loss_backend", loss_backend)):
             if value == "triton":
                 raise UserError(

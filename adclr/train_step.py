@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import TrainConfig
 from .fused_loss import FusedADCLRLoss
 from .heads import DINOHead
+from .kernels.device import supports_bf16
 from .loss import ADCLRLoss
 from .model import ADCLRVisionTransformer, MultiCropWrapper, build_vit
 from .runtime import seeded
@@ -81,7 +82,7 @@ def default_precision(device: torch.device) -> str:
     emulated); fp32 on CPU, where autocast without bf16 matrix units is slower than fp32."""
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    return "bf16" if supports_bf16(torch.cuda.get_device_capability(device)) else "fp16"
 
 
 def build_backbone(

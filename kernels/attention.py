@@ -117,6 +117,8 @@ def _resolve_backend(
             )
         if t.dtype == torch.bfloat16 and not device.supports_bf16(device.capability(t.device)):
             raise TypeError("backend='triton' needs sm80+ for bfloat16; use float16/float32 or backend='sdpa'")
+    elif backend not in ("sdpa", "reference"):  # a name set on a layer past set_attn_backend's check
+        _check_backend(backend)
     return backend
 
 

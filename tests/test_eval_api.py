@@ -165,3 +165,16 @@ def test_an_image_size_that_is_not_whole_patches_is_refused_in_one_line(tmp_path
         "e.g. 24 or 32\n"
     )
     assert not any(name.endswith(".json") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
+@pytest.mark.parametrize(
+    "capability, dtype", [((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]
+)
+def test_feature_extraction_autocasts_by_the_bf16_rule(monkeypatch, capability, dtype):
+    """bf16 on GPUs with bf16 units (sm80+), fp16 below (V100: bf16 emulated), as training's default; none on CPU."""
+    from adclr.evaluation import features
+
+    monkeypatch.setattr(features, "capability", lambda device: capability)
+    assert features.autocast(torch.device("cuda", 0)).fast_dtype == dtype
+    assert not isinstance(features.autocast(torch.device("cpu")), torch.autocast)

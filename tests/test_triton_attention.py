@@ -365,6 +365,16 @@ def test_the_model_path_computes_what_the_public_api_does(backend):
         model_attention(q, k, v, AttentionLayout(12, 3), scale, 0.0, backend)
 
 
+def test_the_model_path_refuses_a_backend_name_it_does_not_know():
+    """A name set on a layer past ``set_attn_backend``'s check is refused by name, not run as the reference."""
+    layout = AttentionLayout(5, 2)
+    qkv = torch.randn(1, layout.length, 3, 1, 8)
+    with pytest.raises(ValueError, match="backend must be one of .*got 'flash'"):
+        model_attention_packed(qkv, layout, 8**-0.5, 0.0, "flash")
+    with pytest.raises(ValueError, match="backend must be one of .*got 'flash'"):
+        model_attention(*qkv.permute(2, 0, 3, 1, 4), layout, 8**-0.5, 0.0, "flash")
+
+
 def test_the_backward_runs_the_plan_its_forward_resolved(monkeypatch):
     """The forward's plan travels to its backward (``CallContext``): a backward run after the forced
     plan was left still runs that plan's variant, not a fresh resolution's. Catches a backward that

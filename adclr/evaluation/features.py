@@ -31,6 +31,7 @@ from ..checkpoint import BRANCHES, load_backbone
 from ..data import LabelledImages, check_same_classes
 from ..distributed import DistInfo
 from ..export import load_exported
+from ..kernels.device import capability, supports_bf16
 
 # ---- transforms ------------------------------------------------------------------------------------
 
@@ -193,9 +194,11 @@ def labelled_splits(data_path: str, train_transform, val_transform) -> tuple[Lab
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPUs without bf16 units run it slower)."""
+    """Half-precision autocast on CUDA (bf16, or fp16 where bf16 is emulated: V100); full precision
+    elsewhere (CPUs without bf16 units run it slower)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if supports_bf16(capability(device)) else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
