@@ -441,7 +441,8 @@ def train_one_epoch(run: Run, state, schedules, data: TrainData, epoch: int, ski
                 f"{error} at epoch {epoch + 1}, iteration {it}; stopping training ({run.kept()})."
             ) from None
         # A lower scale: the scaler found non-finite gradients and skipped the update.
-        skipped.update(state.scaler.get_scale() < scale, state.scaler.get_scale(), epoch, it)
+        new_scale = state.scaler.get_scale()
+        skipped.update(new_scale < scale, new_scale, epoch, it)
 
         values = dataclasses.asdict(losses)
         for name, value in values.items():

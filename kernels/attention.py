@@ -237,6 +237,8 @@ def model_attention_packed(
 
 def model_attention(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float, backend: str) -> torch.Tensor:
     """``adclr_attention`` for the model's trusted arguments (q and k after its q/k norms)."""
+    if not q.dtype == k.dtype == v.dtype:  # q/k norms may run in fp32 under autocast while v does not
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if layout.length != q.shape[2]:
         _check_layout(layout, q.shape[2], "q")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

@@ -1,4 +1,4 @@
-"""The engine: networks from a config, the random-init baseline, schedules, and one training step."""
+"""``adclr.train_step``: networks from a config, the random-init baseline, schedules, and one training step."""
 
 import copy
 import dataclasses

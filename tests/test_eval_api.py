@@ -65,7 +65,7 @@ def test_frozen_backbone_refuses_a_model_without_cls_token():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint as train.py writes it (the engine's state after a step, so teacher and student differ)."""
+    """A checkpoint as train.py writes it (the train state after a step, so teacher and student differ)."""
     path = str(tmp_path_factory.mktemp("run") / "checkpoint.pth")
     config = tiny_config()
     state = train_step.build_train_state(config, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """Failures the README promises one line for: a checkpoint that cannot be written (a full disk), an
 optional package missing, Ctrl-C. Each ends in one line and a known exit status, never a traceback."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -70,7 +71,12 @@ def test_ctrl_c_ends_a_run_in_one_line_and_releases_its_folder(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, TRAIN, *TINY, "--output_dir", str(run_dir), "--epochs", "100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C's default disposition in the run, as in a terminal: a shell's background job (a CI step run
+    # with `&`) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
+    restore_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=restore_sigint
+    )
     for line in process.stdout:  # the run holds its folder and trains from here on
         if line.startswith("intra-op threads"):
             break

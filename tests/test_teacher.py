@@ -1,4 +1,4 @@
-"""The teacher as the engine builds and updates it: no stochastic depth, no autograd graph, an EMA of
+"""The teacher as ``adclr.train_step`` builds and updates it: no stochastic depth, no autograd graph, an EMA of
 every parameter, and the evaluation's eval mode.
 
 DINO's teacher has no drop-path (``drop_path_rate`` is the student's alone) and runs without

@@ -18,7 +18,7 @@ from adclr import train_step
 from adclr.schedules import StepSettings
 
 SETTINGS = StepSettings(lr=0.01, weight_decay=0.3, teacher_temp=0.07, momentum=0.9, freeze_last_layer=False)
-ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the engine keeps
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the training step keeps
 
 
 def _perturbed_state(config):

@@ -375,6 +375,17 @@ def test_the_model_path_refuses_a_backend_name_it_does_not_know():
         model_attention(*qkv.permute(2, 0, 3, 1, 4), layout, 8**-0.5, 0.0, "flash")
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_the_model_path_refuses_mixed_dtypes(backend):
+    """q and k through fp32 norms under autocast beside a half-precision v: refused by name, as the
+    public API refuses it, never launched with mixed pointers."""
+    layout = AttentionLayout(5, 2)
+    q, k = (torch.randn(1, 1, layout.length, 8, device=KERNEL_DEVICE) for _ in range(2))
+    v = torch.randn(1, 1, layout.length, 8, device=KERNEL_DEVICE, dtype=torch.float16)
+    with pytest.raises(TypeError, match="q, k and v must share one dtype"):
+        model_attention(q, k, v, layout, 8**-0.5, 0.0, backend)
+
+
 def test_the_backward_runs_the_plan_its_forward_resolved(monkeypatch):
     """The forward's plan travels to its backward (``CallContext``): a backward run after the forced
     plan was left still runs that plan's variant, not a fresh resolution's. Catches a backward that
