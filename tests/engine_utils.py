@@ -151,3 +151,22 @@ def reference_outputs(network, crops, query_crops):
         if view < 2 and query_crops is not None:
             queries.append((network.query_head or network.head)(out.queries))
     return torch.stack(cls), (torch.stack(queries) if queries else None)
+
+
+def reference_step_loss(student, teacher, crops, query_crops, center, query_center, teacher_temp, lambda_query):
+    """``(loss terms, teacher_cls, teacher_query)`` of one step through the reference networks: the teacher
+    (no graph) on the two global crops, the student on every crop, the loop loss of paper Eq. 6."""
+    with torch.no_grad():
+        teacher_cls, teacher_query = reference_outputs(teacher, crops[:2], query_crops)
+    student_cls, student_query = reference_outputs(student, crops, query_crops)
+    terms = reference_loss(
+        student_cls,
+        teacher_cls,
+        student_query,
+        teacher_query,
+        center=center,
+        query_center=query_center,
+        teacher_temp=teacher_temp,
+        lambda_query=lambda_query,
+    )
+    return terms, teacher_cls, teacher_query

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.multiprocessing as mp
-from engine_utils import CPU, SETTINGS, assert_same, batch, reference_loss, reference_outputs, snapshot, tiny_config
+from engine_utils import CPU, SETTINGS, assert_same, batch, reference_step_loss, snapshot, tiny_config
 
 from adclr import train_step
 from adclr.schedules import build_schedules
@@ -203,18 +203,15 @@ def _float64_union_run(config):
     losses = []
     for crops, query_crops in _union_batches(config):
         crops, query_crops = [c.double() for c in crops], query_crops.double()
-        with torch.no_grad():
-            teacher_cls, teacher_query = reference_outputs(teacher, crops[:2], query_crops)
-        student_cls, student_query = reference_outputs(student, crops, query_crops)
-        terms = reference_loss(
-            student_cls,
-            teacher_cls,
-            student_query,
-            teacher_query,
-            center=center[0],
-            query_center=query_center[0],
-            teacher_temp=SETTINGS.teacher_temp,
-            lambda_query=config.loss.lambda_query,
+        terms, teacher_cls, teacher_query = reference_step_loss(
+            student,
+            teacher,
+            crops,
+            query_crops,
+            center[0],
+            query_center[0],
+            SETTINGS.teacher_temp,
+            config.loss.lambda_query,
         )
         losses.append(tuple(t.item() for t in terms))
         center = 0.9 * center + 0.1 * teacher_cls.mean(dim=(0, 1))

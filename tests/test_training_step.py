@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from engine_utils import CPU, batch, reference_loss, reference_outputs, tiny_config
+from engine_utils import CPU, batch, reference_step_loss, tiny_config
 
 from adclr import train_step
 from adclr.schedules import StepSettings
@@ -61,18 +61,15 @@ def step(request):
     # The expected losses and gradients: float64 copies, each crop on its own, the loop loss.
     student64, teacher64 = copy.deepcopy(state.student).double(), copy.deepcopy(state.teacher).double()
     crops64, query_crops64 = [c.double() for c in crops], query_crops.double()
-    with torch.no_grad():
-        teacher_cls, teacher_query = reference_outputs(teacher64, crops64[:2], query_crops64)
-    student_cls, student_query = reference_outputs(student64, crops64, query_crops64)
-    expected = reference_loss(
-        student_cls,
-        teacher_cls,
-        student_query,
-        teacher_query,
-        center=before["center"][0],
-        query_center=before["query_center"][0],
-        teacher_temp=SETTINGS.teacher_temp,
-        lambda_query=config.loss.lambda_query,
+    expected, teacher_cls, teacher_query = reference_step_loss(
+        student64,
+        teacher64,
+        crops64,
+        query_crops64,
+        before["center"][0],
+        before["query_center"][0],
+        SETTINGS.teacher_temp,
+        config.loss.lambda_query,
     )
     expected[0].backward()
 
